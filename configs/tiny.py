@@ -1,0 +1,41 @@
+"""tiny: a CPU-sized Parcae (all 140M architecture choices, small widths) trained on the embedded
+Shakespeare corpus. The README's main job; also the model used by tests and demos."""
+
+from parcae_jax import base_config, presets
+
+
+def get_config(arg=None):
+    del arg
+    model = presets.released("parcae-small-140m")
+    model.update(
+        name="parcae-tiny",
+        hf_config={"org": "parcae-jax", "name": "parcae-tiny"},
+        block_size=256,
+        vocab_size=4096,
+        n_embd=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=512,
+        recurrent_embedding_dimension=128,
+        recurrent_intermediation_embedding_dimension=512,
+        n_layers_in_prelude=1,
+        n_layers_in_recurrent_block=2,
+        n_layers_in_coda=1,
+        mean_recurrence=4,
+        mean_backprop_depth=2,
+    )
+    cfg = base_config.base(model)
+    cfg.model.compute_dtype = "float32"  # CPU: bf16 matmuls are emulated and slower
+    cfg.data.source = "shakespeare"
+    cfg.data.vocab_size = 4096
+    cfg.train.world_batch_size = 16
+    cfg.train.micro_batch_size = 16
+    cfg.train.max_steps = 600
+    cfg.train.lr = 3e-3
+    cfg.train.muon_lr = 2e-2
+    cfg.train.log_every = 10
+    cfg.train.eval_every = 100
+    cfg.train.eval_iters = 8
+    cfg.train.checkpoint_every = 200
+    cfg.train.loss_guardrail = "none"
+    return cfg

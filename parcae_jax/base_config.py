@@ -1,0 +1,94 @@
+"""The full run configuration (big_vision style): `configs/*.py` start from `base(model_fields)`.
+
+Sections: `model` (official model fields + JAX execution fields, see `config.py`), `data`, `train`,
+`mesh`. The dict is locked by `train.py`, so a misspelt `--config.a.b=...` fails with the valid keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from parcae_jax.config import ModelConfig
+
+_OPTIONAL_MODEL_FIELDS = {
+    "intermediate_size": int,
+    "num_key_value_heads": int,
+    "padded_vocab_size": int,
+    "randomize_positions_from": int,
+    "clip_qkv": float,
+    "logit_softcap": float,
+    "recurrent_num_attention_heads": int,
+    "attention_impl": str,
+    "use_fused_head": str,
+}
+
+
+def base(model_fields: dict[str, Any]) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    # Every field of the model (official defaults filled in) so any of them can be overridden.
+    model = ModelConfig.from_dict(model_fields).to_dict()
+    for key, typ in _OPTIONAL_MODEL_FIELDS.items():  # typed, so `--config.model.x=...` can set them
+        if model.get(key) is None:
+            model[key] = ml_collections.FieldReference(None, field_type=typ)
+    cfg.model = model
+
+    cfg.data = ml_collections.ConfigDict()
+    cfg.data.source = "shakespeare"  # 'shakespeare' (embedded corpus, prepared on first use) or 'dir'
+    cfg.data.dataset_dir = ml_collections.FieldReference(None, field_type=str)  # prepared shards
+    cfg.data.cache_dir = "~/.cache/parcae_jax"
+    cfg.data.vocab_size = 4096  # tokenizer size when the embedded corpus is prepared automatically
+    cfg.data.packing = "bos"  # 'bos' (documents back to back, BOS at each start) or 'best-fit' (official)
+    cfg.data.num_workers = 0
+    cfg.data.prefetch = 2
+
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.seed = 42
+    cfg.train.world_batch_size = 256  # sequences per optimiser step
+    cfg.train.micro_batch_size = 32  # sequences per device per forward/backward
+    # Stop criteria: exactly one must be set.
+    cfg.train.max_steps = ml_collections.FieldReference(None, field_type=int)
+    cfg.train.max_tokens = ml_collections.FieldReference(None, field_type=int)
+    cfg.train.max_flops = ml_collections.FieldReference(None, field_type=float)
+    cfg.train.tokens_per_param = ml_collections.FieldReference(None, field_type=float)
+    # Schedule (spec §7.4): fractions < 1 are fractions of max_steps.
+    cfg.train.lr = 8e-3
+    cfg.train.min_lr = 0.0
+    cfg.train.warmup_steps = 0.0
+    cfg.train.cooldown_steps = 0.5
+    cfg.train.lr_schedule = "trapezoid"  # trapezoid | constant | linear | cosine
+    # Optimiser (spec §7.3).
+    cfg.train.optimizer = "muon_adamw"  # muon_adamw | adamw
+    cfg.train.betas = (0.8, 0.95)
+    cfg.train.eps = 1e-10
+    cfg.train.weight_decay = 0.0
+    cfg.train.muon_lr = 8e-3
+    cfg.train.muon_momentum = 0.95
+    cfg.train.muon_momentum_warmup_start = 0.85
+    cfg.train.muon_momentum_warmup_steps = 300
+    cfg.train.muon_wd = 0.2
+    cfg.train.muon_ns_steps = 5
+    cfg.train.muon_beta2 = 0.95
+    cfg.train.grad_clip = 1.0
+    cfg.train.skip_nonfinite_grads = True
+    cfg.train.skip_first_step = False  # the official trainer discards its first update; off by default
+    cfg.train.z_loss = 0.0
+    cfg.train.loss_guardrail = "stop"  # stop | rollback | none
+    cfg.train.guardrail_loss = 6.0
+    cfg.train.guardrail_after_tokens = 10_000_000_000
+    # Logging, evaluation, checkpoints.
+    cfg.train.log_every = 1
+    cfg.train.eval_every = 512
+    cfg.train.eval_iters = 16
+    cfg.train.partial_depth_eval = (1, 2, 4)
+    cfg.train.checkpoint_every = 1024
+    cfg.train.keep_last = 3
+    cfg.train.keep_period = ml_collections.FieldReference(None, field_type=int)
+    cfg.train.wandb = False
+
+    cfg.mesh = ml_collections.ConfigDict()
+    cfg.mesh.data = -1
+    cfg.mesh.fsdp = 1
+    cfg.mesh.tensor = 1
+    return cfg

@@ -1,0 +1,121 @@
+"""Checkpoint conversion between the official PyTorch format and parcae-jax.
+
+    python -m parcae_jax.convert from-torch SRC DST   # official folder -> native parcae-jax folder
+    python -m parcae_jax.convert to-torch SRC DST     # native folder or training workdir -> official
+
+`to-torch` writes `config.json` (every official field + `_class_name`), `model.pt` (the exact key set,
+order, shapes and dtypes of the official `state_dict`, `freqs_cis` included, tied tensors sharing
+storage) and `model.safetensors` (same tensors, tied ones stored as copies since safetensors cannot
+share). Destinations are written to a temporary folder and renamed, so a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+
+from parcae_jax import pretrained, weights
+from parcae_jax.config import ModelConfig
+
+
+def torch_rope_table(cfg: ModelConfig):
+    """`freqs_cis` computed with torch in fp32 exactly as the official code does (bit-identical)."""
+    torch = pretrained._import_torch()
+    d = cfg.head_size
+    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2).float() / d))
+    pos = torch.arange(cfg.rope_table_length).float() / cfg.rope_condense_ratio
+    ang = torch.outer(pos, inv)
+    return torch.stack([ang.cos(), ang.sin()], -1)[None, :, None].contiguous()
+
+
+def load_any(src: str | os.PathLike, step: int | None = None):
+    """(model, extra) from a native folder, an official folder or a training workdir."""
+    src = pathlib.Path(src).expanduser()
+    if (src / "checkpoints").is_dir():
+        from parcae_jax import checkpointing  # training checkpoints (train.py)
+
+        return checkpointing.load_model_from_workdir(src, step=step), {}
+    if step is not None:
+        raise ValueError(f"--step applies to training workdirs only; {src} is a model folder")
+    return pretrained.load_pretrained(src, return_extra=True, compute_dtype="float32")
+
+
+def export_official(model, extra, dst: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+    torch = pretrained._import_torch()
+    from safetensors.torch import save_file
+
+    dst = pathlib.Path(dst).expanduser().resolve()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; choose another destination or pass --force")
+    cfg: ModelConfig = model.config
+    arrays = weights.to_official(model, extra, rope=torch_rope_table(cfg).numpy())
+    tensors, seen = {}, {}
+    for key, arr in arrays.items():
+        if id(arr) in seen:  # tied: the same storage under both names, as torch.save keeps it
+            tensors[key] = seen[id(arr)]
+            continue
+        t = torch.from_numpy(arr.copy())
+        tensors[key] = seen[id(arr)] = t
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        with open(tmp / "config.json", "w") as f:
+            json.dump(cfg.to_official_dict(), f, indent=2)
+        torch.save(type(arrays)(tensors), tmp / "model.pt")
+        save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def from_torch(src, dst, *, overwrite: bool = False) -> pathlib.Path:
+    src = pathlib.Path(src).expanduser()
+    if pretrained.is_native(src):
+        raise ValueError(f"{src} is already a parcae-jax folder (it has params/); use to-torch to export it")
+    model, extra = pretrained.load_pretrained(src, return_extra=True, compute_dtype="float32")
+    return pretrained.save_pretrained(model, dst, extra=extra, overwrite=overwrite)
+
+
+def to_torch(src, dst, *, step: int | None = None, overwrite: bool = False) -> pathlib.Path:
+    model, extra = load_any(src, step)
+    return export_official(model, extra, dst, overwrite=overwrite)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m parcae_jax.convert", description=__doc__.split("\n\n")[0]
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("from-torch", help="official PyTorch folder -> parcae-jax folder")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--force", action="store_true", help="replace DST if it exists")
+    b = sub.add_parser("to-torch", help="parcae-jax folder or training workdir -> official PyTorch folder")
+    b.add_argument("src")
+    b.add_argument("dst")
+    b.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: latest)")
+    b.add_argument("--force", action="store_true", help="replace DST if it exists")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "from-torch":
+            out = from_torch(args.src, args.dst, overwrite=args.force)
+        else:
+            out = to_torch(args.src, args.dst, step=args.step, overwrite=args.force)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
