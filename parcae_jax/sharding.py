@@ -109,7 +109,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES):
 
     def sharding(var):
         axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
-        shape = var[...].shape if isinstance(var, nnx.Variable) else np.shape(var)
+        shape = var.get_value().shape if isinstance(var, nnx.Variable) else np.shape(var)
         return NamedSharding(mesh, fit_spec(logical_to_spec(axes, rules), shape, mesh))
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,1 @@
+"""Throughput benchmarks: the input pipeline against the training step it feeds."""

@@ -1,0 +1,1 @@
+"""Data: tokenizers, corpus preparation to token shards, and the Grain input pipeline."""

@@ -1,0 +1,278 @@
+"""Token shards on local disk or any TensorStore key-value store (`gs://bucket/dir`, `file://...`).
+
+Why raw binary files and not ArrayRecord or zarr: a training row is a *contiguous* token range, so the
+ideal access is one byte-range read. Raw little-endian arrays give exactly that: `np.memmap` on local
+disk (no read at all until the pages are touched, ~µs per row) and one ranged GET through
+TensorStore's kvstore on `gs://` (its GCS driver handles auth, retries and parallel requests). zarr
+would add chunk bookkeeping for the same bytes; ArrayRecord stores records, not a token stream, and
+would fix the row length at preparation time.
+
+Layout of a dataset folder:
+
+    DIR/metadata.json                      written last: its presence marks the dataset complete
+    DIR/<split>/shard_00000.tokens         uint16 or uint32 tokens, documents back to back, no separators
+    DIR/<split>/shard_00000.docs           int64 document start offsets into the tokens, plus the end
+    DIR/<split>/shard_00000.json           {"tokens", "documents", "dtype", ...}: written after both
+                                           files, so it marks the shard complete (resume skips it)
+
+A shard is only trusted when its `.json` exists and both files have exactly the recorded sizes; any
+other state (an interrupted write, a truncated copy) raises `ShardError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+FORMAT = "parcae-jax-token-shards-v1"
+SHARD_NAME = "shard_{:05d}"
+_DOC_DTYPE = np.dtype("<i8")
+
+
+class ShardError(ValueError):
+    """A shard or dataset folder is missing, incomplete or inconsistent (message names file and fix)."""
+
+
+def token_dtype(vocab_size: int, requested: str | None = None) -> np.dtype:
+    """uint16 when every id fits, else uint32; `requested='uint16'` with a larger vocabulary fails."""
+    need = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+    if requested is None:
+        return need
+    dt = np.dtype(requested).newbyteorder("<")
+    if dt.kind != "u" or dt.itemsize not in (2, 4):
+        raise ShardError(f"token dtype must be uint16 or uint32, got {requested!r}")
+    if vocab_size > np.iinfo(dt).max + 1:
+        raise ShardError(
+            f"a vocabulary of {vocab_size} ids does not fit {dt.name} shards (max {np.iinfo(dt).max + 1}); "
+            "use uint32 (drop the dtype option) or a smaller tokenizer"
+        )
+    return dt
+
+
+def is_remote(path: str) -> bool:
+    """A TensorStore kvstore URL (`gs://`, `s3://`, `file://`, `memory://`): read through TensorStore.
+    (`file://` URLs exercise the remote code path on local disk; tests use them.)"""
+    return bool(re.match(r"^[a-z0-9+]+://", str(path)))
+
+
+def join(path: str, *parts: str) -> str:
+    if is_remote(path):
+        return "/".join([str(path).rstrip("/"), *parts])
+    return os.path.join(path, *parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small-file IO that works on local paths and TensorStore URLs
+# ---------------------------------------------------------------------------------------------------
+
+
+def _kvstore(url: str):
+    import tensorstore as ts
+
+    base, _, key = url.rpartition("/")
+    return ts.KvStore.open(base + "/").result(), key
+
+
+def read_bytes(path: str, start: int | None = None, stop: int | None = None) -> bytes:
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            if start:
+                f.seek(start)
+            return f.read() if stop is None else f.read(stop - (start or 0))
+    store, key = _kvstore(path)
+    result = store.read(key, byte_range=slice(start, stop)).result()
+    if result.state == "missing":
+        raise FileNotFoundError(path)
+    return bytes(result.value)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Local: write a temporary file then rename (never a half-written file under the final name).
+    Remote object stores make each object visible only once fully uploaded."""
+    if not is_remote(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    store, key = _kvstore(path)
+    store.write(key, data).result()
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.exists(path)
+    store, key = _kvstore(path)
+    return store.read(key, byte_range=slice(0, 0)).result().state != "missing"
+
+
+def delete(path: str) -> None:
+    """Remove one file or object; a missing one is not an error."""
+    if not is_remote(path):
+        if os.path.lexists(path):
+            os.remove(path)
+        return
+    store, key = _kvstore(path)
+    store.write(key, None).result()  # writing None deletes the key
+
+
+def size_of(path: str) -> int:
+    if not is_remote(path):
+        return os.path.getsize(path)
+    return len(read_bytes(path))  # object stores: a metadata call would do, the kvstore API has none
+
+
+def read_json(path: str) -> dict[str, Any]:
+    return json.loads(read_bytes(path).decode())
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------
+
+
+def shard_paths(dataset_dir: str, split: str, index: int) -> tuple[str, str, str]:
+    stem = join(dataset_dir, split, SHARD_NAME.format(index))
+    return stem + ".tokens", stem + ".docs", stem + ".json"
+
+
+def write_shard(
+    dataset_dir: str,
+    split: str,
+    index: int,
+    documents: Sequence[np.ndarray],
+    dtype: np.dtype,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write one complete shard from token arrays (one per document); returns its record."""
+    tokens_path, docs_path, record_path = shard_paths(dataset_dir, split, index)
+    dtype = np.dtype(dtype).newbyteorder("<")
+    lengths = np.array([len(d) for d in documents], dtype=np.int64)
+    offsets = np.zeros(len(documents) + 1, dtype=_DOC_DTYPE)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([np.asarray(d) for d in documents]) if documents else np.zeros(0, np.int64)
+    limit = np.iinfo(dtype).max
+    if flat.size and (flat.min() < 0 or flat.max() > limit):
+        raise ShardError(f"token id {int(flat.max())} does not fit {dtype.name} shards; use uint32")
+    write_bytes_atomic(tokens_path, flat.astype(dtype).tobytes())
+    write_bytes_atomic(docs_path, offsets.tobytes())
+    record = {"tokens": int(offsets[-1]), "documents": len(documents), "dtype": dtype.name, **(extra or {})}
+    write_json_atomic(record_path, record)  # last: marks the shard complete
+    return record
+
+
+def shard_is_complete(dataset_dir: str, split: str, index: int) -> bool:
+    try:
+        ShardReader(dataset_dir, split, index)
+    except (ShardError, FileNotFoundError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------
+
+
+class ShardReader:
+    """Random access to one complete shard: `read(start, stop)` tokens, `doc_offsets` in memory.
+
+    Local files are memory-mapped lazily (so the object pickles cheaply into Grain worker processes);
+    remote files are read with one ranged request per call.
+    """
+
+    def __init__(self, dataset_dir: str, split: str, index: int):
+        self.tokens_path, self.docs_path, record_path = shard_paths(dataset_dir, split, index)
+        if not exists(record_path):
+            raise ShardError(
+                f"{record_path}: shard is incomplete or missing (preparation interrupted?); "
+                "re-run `python -m parcae_jax.data.prepare` with the same arguments to finish it"
+            )
+        record = read_json(record_path)
+        self.num_tokens, self.num_documents = int(record["tokens"]), int(record["documents"])
+        self.dtype = np.dtype(record["dtype"]).newbyteorder("<")
+        for path, expected in (
+            (self.tokens_path, self.num_tokens * self.dtype.itemsize),
+            (self.docs_path, (self.num_documents + 1) * _DOC_DTYPE.itemsize),
+        ):
+            if not exists(path):
+                raise ShardError(f"{path}: missing; re-run preparation (it redoes only incomplete shards)")
+            size = size_of(path)
+            if size != expected:
+                raise ShardError(
+                    f"{path}: {size} bytes, expected {expected} (truncated or corrupted copy); "
+                    f"delete {record_path} and re-run preparation to rebuild this shard"
+                )
+        self.doc_offsets = np.frombuffer(read_bytes(self.docs_path), dtype=_DOC_DTYPE).astype(np.int64)
+        self._memmap = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_memmap"] = None
+        return state
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) as a fresh array of the shard's dtype."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside {self.tokens_path} ({self.num_tokens})")
+        if not is_remote(self.tokens_path):
+            if self._memmap is None:
+                if self.num_tokens == 0:
+                    return np.zeros(0, self.dtype)
+                self._memmap = np.memmap(self.tokens_path, dtype=self.dtype, mode="r")
+            return np.array(self._memmap[start:stop])
+        itemsize = self.dtype.itemsize
+        raw = read_bytes(self.tokens_path, start * itemsize, stop * itemsize)
+        return np.frombuffer(raw, dtype=self.dtype).copy()
+
+    def document(self, i: int) -> np.ndarray:
+        return self.read(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dataset metadata
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_metadata(dataset_dir: str) -> dict[str, Any]:
+    path = join(dataset_dir, "metadata.json")
+    if not exists(path):
+        raise ShardError(
+            f"{path}: not found, so {dataset_dir} is not a (complete) prepared dataset; run "
+            f"`python -m parcae_jax.data.prepare --output {dataset_dir} ...` first"
+        )
+    meta = read_json(path)
+    if meta.get("format") != FORMAT:
+        raise ShardError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; re-run preparation")
+    return meta
+
+
+def open_split(dataset_dir: str, split: str) -> list[ShardReader]:
+    meta = load_metadata(dataset_dir)
+    if split not in meta["splits"]:
+        raise ShardError(f"{dataset_dir} has no split {split!r} (splits: {sorted(meta['splits'])})")
+    n = int(meta["splits"][split]["shards"])
+    return [ShardReader(dataset_dir, split, i) for i in range(n)]
+
+
+def check_tokenizer(meta: dict[str, Any], fingerprint: str, dataset_dir: str, tokenizer_desc: str) -> None:
+    """Fail when shards were made with another tokenizer than the one the run uses."""
+    made_with = meta.get("tokenizer", {}).get("fingerprint")
+    if made_with != fingerprint:
+        raise ShardError(
+            f"{dataset_dir}: shards were tokenized with tokenizer {made_with}, but the run uses "
+            f"{tokenizer_desc} ({fingerprint}); re-run preparation with this tokenizer or point "
+            "the config at the tokenizer the shards were made with"
+        )
