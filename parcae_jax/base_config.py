@@ -38,6 +38,8 @@ def base(model_fields: dict[str, Any]) -> ml_collections.ConfigDict:
     cfg.data.source = "shakespeare"  # 'shakespeare' (embedded corpus, prepared on first use) or 'dir'
     cfg.data.dataset_dir = ml_collections.FieldReference(None, field_type=str)  # prepared shards
     cfg.data.cache_dir = "~/.cache/parcae_jax"
+    # Tokenizer the run expects (folder or file); when set, shards made with another one are refused.
+    cfg.data.tokenizer = ml_collections.FieldReference(None, field_type=str)
     cfg.data.vocab_size = 4096  # tokenizer size when the embedded corpus is prepared automatically
     cfg.data.packing = "bos"  # 'bos' (documents back to back, BOS at each start) or 'best-fit' (official)
     cfg.data.num_workers = 0
@@ -70,6 +72,8 @@ def base(model_fields: dict[str, Any]) -> ml_collections.ConfigDict:
     cfg.train.muon_wd = 0.2
     cfg.train.muon_ns_steps = 5
     cfg.train.muon_beta2 = 0.95
+    # The official recipe orthogonalises in bf16; float32 is slower but removes the bf16 noise of X.
+    cfg.train.muon_ortho_dtype = "bfloat16"
     cfg.train.grad_clip = 1.0
     cfg.train.skip_nonfinite_grads = True
     cfg.train.skip_first_step = False  # the official trainer discards its first update; off by default
@@ -86,6 +90,7 @@ def base(model_fields: dict[str, Any]) -> ml_collections.ConfigDict:
     cfg.train.keep_last = 3
     cfg.train.keep_period = ml_collections.FieldReference(None, field_type=int)
     cfg.train.wandb = False
+    cfg.train.wandb_project = "parcae-jax"
 
     cfg.mesh = ml_collections.ConfigDict()
     cfg.mesh.data = -1

@@ -6,6 +6,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache: on CPU with faked devices, executables loaded from it deadlock in
+# cross-device all-reduces (XLA rendezvous timeout, SIGABRT) on jax 0.10.2.
 
 import pathlib  # noqa: E402
 

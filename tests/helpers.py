@@ -55,3 +55,50 @@ def tiny_parcae(**overrides) -> ModelConfig:
     )
     d.update(overrides)
     return ModelConfig.from_dict(d)
+
+
+def write_token_dataset(path, *, vocab_size: int = 256, docs: int = 200, val_docs: int = 20, seed: int = 0):
+    """A small prepared dataset (shards + metadata.json) of learnable synthetic documents.
+
+    Each document follows a fixed random transition table with 10% noise, so a model can learn it
+    (loss well below log(vocab)) while the unigram distribution stays nearly uniform.
+    """
+    from parcae_jax.data import shards
+
+    rng = np.random.default_rng(seed)
+    table = rng.integers(3, vocab_size, size=vocab_size)
+    dtype = shards.token_dtype(vocab_size)
+
+    def document():
+        n = int(rng.integers(20, 120))
+        out = np.empty(n, np.int64)
+        out[0] = rng.integers(3, vocab_size)
+        for i in range(1, n):
+            out[i] = table[out[i - 1]] if rng.random() > 0.1 else rng.integers(3, vocab_size)
+        return out
+
+    splits = {}
+    for split, count in (("train", docs), ("val", val_docs)):
+        documents = [document() for _ in range(count)]
+        half = len(documents) // 2 if split == "train" else len(documents)
+        groups = [documents[:half], documents[half:]] if split == "train" else [documents]
+        for i, group in enumerate(groups):
+            shards.write_shard(str(path), split, i, group, dtype)
+        splits[split] = {
+            "shards": len(groups),
+            "tokens": int(sum(len(d) for d in documents)),
+            "documents": len(documents),
+        }
+    meta = {
+        "format": shards.FORMAT,
+        "tokenizer": {"fingerprint": "synthetic", "kind": "synthetic", "vocab_size": vocab_size,
+                      "bos_id": 1, "eos_id": 2, "pad_id": 0, "path": ""},
+        "dtype": dtype.name,
+        "splits": splits,
+        "source": "synthetic",
+        "val_fraction": val_docs / (docs + val_docs),
+        "command": "tests/helpers.py",
+        "created": "test",
+    }
+    shards.write_json_atomic(shards.join(str(path), "metadata.json"), meta)
+    return str(path)

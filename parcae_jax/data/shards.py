@@ -276,3 +276,19 @@ def check_tokenizer(meta: dict[str, Any], fingerprint: str, dataset_dir: str, to
             f"{tokenizer_desc} ({fingerprint}); re-run preparation with this tokenizer or point "
             "the config at the tokenizer the shards were made with"
         )
+
+
+def unigram_entropy(dataset_dir: str, split: str = "train") -> float:
+    """Entropy (nats) of the split's token frequencies: the loss of the best context-free model, the
+    bar a trained LM must clear by far."""
+    counts = None
+    for reader in open_split(dataset_dir, split):
+        tokens = reader.read(0, reader.num_tokens)
+        c = np.bincount(tokens.astype(np.int64))
+        counts = c if counts is None else np.pad(counts, (0, max(0, len(c) - len(counts)))) + np.pad(
+            c, (0, max(0, len(counts) - len(c)))
+        )
+    if counts is None or counts.sum() == 0:
+        raise ShardError(f"{dataset_dir}/{split} holds no tokens")
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -1,0 +1,132 @@
+"""Training throughput of any config: tokens/s, MFU, step time and peak device memory.
+
+    python -m parcae_jax.bench.train --config configs/parcae_140m.py [--config.a.b=v ...]
+        [--batch 8] [--seq-len 1024] [--steps 10] [--warmup 2] [--gpt-baseline]
+
+Runs the real jitted train step (sharded over all local devices, AOT-compiled, donated state) on
+random tokens. `--batch` overrides the world batch (one micro-batch per step unless
+`--config.train.micro_batch_size` says otherwise) and `--seq-len` the block size, so a big config fits
+a small machine. `--gpt-baseline` also benchmarks the GPT of the same size (configs/gpt_*.py naming).
+
+FLOPs per token for MFU are the *hardware* FLOPs (`flops.hardware_flops_per_token`: causal attention
+halved, head matmul counted, remat recompute counted) at the expected recurrence split; the official
+budget formula is printed next to them. On CPU the peak is unknown and MFU is reported as n/a.
+This script is the only source of the performance figures in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from parcae_jax import flops, sharding, train_step
+from parcae_jax.cli_config import load_config, split_config_args
+
+
+def _peak_memory_bytes() -> int | None:
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    if not stats or stats[0] is None:
+        return None
+    return max(s.get("peak_bytes_in_use", 0) for s in stats)
+
+
+def bench(run_cfg, *, steps: int, warmup: int) -> dict:
+    mesh = sharding.make_mesh(run_cfg.mesh.data, run_cfg.mesh.fsdp, run_cfg.mesh.tensor)
+    setup, state = train_step.create_train_state(run_cfg, mesh, max_steps=max(steps + warmup, 2))
+    cfg = setup.model_cfg
+    step_fn = train_step.make_train_step(setup, run_cfg.train)
+    t0 = time.perf_counter()
+    compiled, memory = train_step.compile_train_step(step_fn, state, setup, cfg.block_size)
+    compile_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    shape = (setup.accum, setup.global_micro_batch, cfg.block_size + 1)
+    tokens = rng.integers(0, cfg.vocab_size, size=shape, dtype=np.int32)
+    batch = jax.device_put({"inputs": tokens[..., :-1], "labels": tokens[..., 1:]}, setup.batch_sharding)
+    key = jax.random.key(0)
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch, key)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch, key)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    tokens_per_step = int(run_cfg.train.world_batch_size) * cfg.block_size
+    if cfg.arch == "parcae":
+        t_exp, s_exp = flops.expected_split(cfg)
+        hw = flops.hardware_flops_per_token(cfg, f=t_exp + s_exp, b=s_exp)
+    else:
+        hw = flops.hardware_flops_per_token(cfg)
+    peak = flops.peak_flops_per_device()
+    tokens_per_s = tokens_per_step / step_s
+    return {
+        "model": cfg.name or cfg.arch,
+        "params": flops.param_counts(cfg).unique,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "batch": f"{run_cfg.train.world_batch_size} x {cfg.block_size} (accum {setup.accum})",
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "tokens_per_s": tokens_per_s,
+        "hardware_flops_per_token": hw,
+        "official_flops_per_token": flops.flops_per_token(cfg),
+        "mfu": tokens_per_s * hw / (peak * jax.device_count()) if peak else None,
+        "peak_memory_gib": (_peak_memory_bytes() or 0) / 2**30 or None,
+        "compiled_temp_gib": getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory else None,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def _print(result: dict) -> None:
+    mfu = f"{result['mfu'] * 100:.1f}%" if result["mfu"] is not None else "n/a (no peak for this device)"
+    mem = f"{result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] else "n/a"
+    temp = f"{result['compiled_temp_gib']:.2f} GiB" if result["compiled_temp_gib"] is not None else "n/a"
+    print(f"== {result['model']} ({result['params'] / 1e6:.1f}M params) on {result['devices']}")
+    print(f"   batch {result['batch']}, compile {result['compile_s']:.1f} s")
+    print(f"   step time   {result['step_s'] * 1e3:.1f} ms (median)")
+    print(f"   tokens/s    {result['tokens_per_s']:,.0f}")
+    print(f"   MFU         {mfu}  ({result['hardware_flops_per_token'] / 1e6:.1f} MFLOP/token hardware, "
+          f"{result['official_flops_per_token'] / 1e6:.1f} official)")
+    print(f"   memory      peak {mem}, compiled temporaries {temp} per device")
+
+
+def _gpt_path(config_path: str) -> str | None:
+    base = os.path.basename(config_path.split(":")[0])
+    if not base.startswith("parcae_"):
+        return None
+    candidate = os.path.join(os.path.dirname(config_path), "gpt_" + base[len("parcae_"):])
+    return candidate if os.path.exists(candidate) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config_path, overrides, rest = split_config_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=None, help="world batch (sequences per step)")
+    parser.add_argument("--seq-len", type=int, default=None, help="block size")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--gpt-baseline", action="store_true")
+    args = parser.parse_args(rest)
+    if config_path is None:
+        parser.error("--config FILE is required")
+    extra = []
+    if args.batch is not None:
+        extra += [f"train.world_batch_size={args.batch}", f"train.micro_batch_size={args.batch}"]
+    if args.seq_len is not None:
+        extra.append(f"model.block_size={args.seq_len}")
+    paths = [config_path] + ([_gpt_path(config_path)] if args.gpt_baseline and _gpt_path(config_path) else [])
+    for path in paths:
+        run_cfg = load_config(path, [*extra, *overrides])
+        _print(bench(run_cfg, steps=args.steps, warmup=args.warmup))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

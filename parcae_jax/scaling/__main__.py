@@ -1,0 +1,5 @@
+import sys
+
+from parcae_jax.scaling.cli import main
+
+sys.exit(main())

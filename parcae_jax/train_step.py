@@ -1,0 +1,218 @@
+"""The sharded training state and the jitted train / eval steps.
+
+The train state is a plain dict pytree `{"params": nnx.State, "opt_state": optax state, "step": int32}`
+so Orbax, `jax.jit` shardings and donation all see ordinary arrays. Parameters are created directly
+in their shardings (`jax.jit(init, out_shardings=...)`), so a model never has to fit on one device.
+
+One optimiser step = `accum` micro-batches scanned with `lax.scan`; gradients are summed in fp32 and
+the loss is normalised by the step's total number of target tokens, so the result is the exact mean
+over the whole batch whatever the accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from parcae_jax import losses, sharding
+from parcae_jax.config import ModelConfig
+from parcae_jax.model import build_model, init_state
+from parcae_jax.optim import build_optimizer, optimizer_metrics
+from parcae_jax.recurrence import max_grad_steps, sample_depths
+
+# Batches are [accum, global_micro_batch, T]: the micro-batch axis shards over (data, fsdp).
+BATCH_SPEC = PartitionSpec(None, ("data", "fsdp"), None)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    model_cfg: ModelConfig
+    graphdef: Any
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    accum: int
+    global_micro_batch: int
+
+
+def batch_geometry(train_cfg, mesh: Mesh) -> tuple[int, int]:
+    """(accumulation steps, global micro-batch) from world batch and per-device micro-batch."""
+    data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_micro = train_cfg.micro_batch_size * data_devices
+    world = train_cfg.world_batch_size
+    if world % global_micro:
+        # Fall back to the largest micro-batch that divides the world batch (e.g. tiny CPU runs).
+        per_device = world // data_devices
+        if per_device < 1 or world % data_devices:
+            raise ValueError(
+                f"world_batch_size={world} is not divisible by the {data_devices} data-parallel devices; "
+                "change train.world_batch_size or the mesh"
+            )
+        micro = max(d for d in range(1, train_cfg.micro_batch_size + 1) if per_device % d == 0)
+        global_micro = micro * data_devices
+    return world // global_micro, global_micro
+
+
+def create_train_state(run_cfg, mesh: Mesh, max_steps: int) -> tuple[TrainSetup, dict]:
+    """Build model, optimizer and the sharded train state (parameters initialised in place)."""
+    model_cfg = ModelConfig.from_dict(run_cfg.model.to_dict())
+    seed = int(run_cfg.train.seed)
+
+    def init_params():
+        return nnx.state(build_model(model_cfg, seed=seed), nnx.Param)
+
+    abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, seed=seed))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    param_shardings = sharding.state_shardings(abstract_params, mesh)
+    params = jax.jit(init_params, out_shardings=param_shardings)()
+    tx = build_optimizer(params, run_cfg.train, max_steps)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = jax.jit(tx.init)(params)
+    # Moments inherit their parameter's sharding; scalars (counts, schedules) are replicated.
+    opt_shardings = jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.ndim else replicated, opt_state
+    )
+    opt_state = jax.device_put(opt_state, opt_shardings)
+    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros([], jnp.int32)}
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+    state["step"] = jax.device_put(state["step"], replicated)
+    accum, global_micro = batch_geometry(run_cfg.train, mesh)
+    setup = TrainSetup(
+        model_cfg=model_cfg,
+        graphdef=graphdef,
+        tx=tx,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        batch_sharding=NamedSharding(mesh, BATCH_SPEC),
+        accum=accum,
+        global_micro_batch=global_micro,
+    )
+    return setup, state
+
+
+def abstract_state(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def make_train_step(setup: TrainSetup, train_cfg):
+    """`train_step(state, batch, key) -> (state, metrics)`; batch = {"inputs", "labels"[, "mask"]}."""
+    cfg, graphdef, tx = setup.model_cfg, setup.graphdef, setup.tx
+    k_max = max_grad_steps(cfg) if cfg.arch == "parcae" else 0
+    z_loss = float(train_cfg.z_loss)
+    accum = setup.accum
+
+    per_batch = cfg.arch == "parcae" and cfg.recurrent_iteration_method == "per-batch"
+
+    def micro_loss(params, mb, depths, h0, total_tokens):
+        model = nnx.merge(graphdef, params)
+        if cfg.arch == "parcae":
+            n, k = depths
+            logits, tel = model.forward_train(mb["inputs"], n, k, max_grad_steps=k_max, initial_state=h0)
+        else:
+            logits, tel = model.forward_train(mb["inputs"])
+        _, aux = losses.cross_entropy(logits, mb["labels"], mask=mb.get("mask"), z_loss=z_loss)
+        objective = aux["nll_sum"] / total_tokens
+        if z_loss:
+            objective = objective + aux["z_loss"] * aux["tokens"] / total_tokens
+        return objective, (aux["nll_sum"], tel)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state, batch, key):
+        params, step = state["params"], state["step"]
+        valid = batch["labels"] != losses.IGNORE_INDEX
+        if "mask" in batch:
+            valid = valid & batch["mask"].astype(bool)
+        total_tokens = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+        A, Bm, T = batch["inputs"].shape
+        step_key = jax.random.fold_in(key, step)
+        depth_key, state_key = jax.random.split(step_key)
+        # Depths and h0 are functions of (step, global sequence index) only, so every mesh and
+        # accumulation split of the same global batch computes the same thing.
+        seq_index = jnp.arange(A * Bm).reshape(A, Bm)
+        if cfg.arch == "parcae" and not per_batch:
+            n_all, k_all = sample_depths(depth_key, cfg, step + 1, (A * Bm, T))
+            depths = (n_all.reshape(A, Bm, *n_all.shape[1:]), k_all.reshape(A, Bm, *k_all.shape[1:]))
+        else:
+            depths = (jnp.zeros((A,), jnp.int32), jnp.zeros((A,), jnp.int32))  # drawn per micro-batch
+
+        def body(carry, xs):
+            grads, nll = carry
+            mb, (n, k), seqs, idx = xs
+            h0 = None
+            if cfg.arch == "parcae":
+                if per_batch:  # one pair per micro-batch, as the official per-batch sampler
+                    n, k = sample_depths(jax.random.fold_in(depth_key, idx), cfg, step * accum + idx + 1, ())
+                h0 = jax.vmap(lambda i: init_state(jax.random.fold_in(state_key, i), cfg, (T, cfg.d_rec)))
+                h0 = h0(seqs)
+            (_, (nll_mb, tel)), g = grad_fn(params, mb, (n, k), h0, total_tokens)
+            grads = jax.tree.map(jnp.add, grads, g)
+            return (grads, nll + nll_mb), tel
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        xs = (batch, depths, seq_index, jnp.arange(accum))
+        (grads, nll), tels = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), xs)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": nll / total_tokens,
+            "grad_norm": grad_norm,
+            "target_tokens": total_tokens,
+            **optimizer_metrics(opt_state),
+            **{k: jnp.mean(v) for k, v in tels.items()},
+        }
+        new_state = {"params": new_params, "opt_state": opt_state, "step": step + 1}
+        return new_state, metrics
+
+    # Metrics are replicated so every process can read them (multi-process runs included).
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
+    return jax.jit(
+        train_step,
+        in_shardings=(setup.state_shardings, setup.batch_sharding, None),
+        out_shardings=(setup.state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(setup: TrainSetup):
+    """`eval_step(params, batch, depth, key) -> (nll_sum, tokens)`; `depth` is traced (one program)."""
+    cfg, graphdef = setup.model_cfg, setup.graphdef
+    batch_sharding = NamedSharding(setup.mesh, PartitionSpec(("data", "fsdp"), None))
+
+    def eval_step(params, batch, depth, key):
+        model = nnx.merge(graphdef, params)
+        if cfg.arch == "parcae":
+            logits = model(batch["inputs"], num_steps=depth, rng=key)
+        else:
+            logits = model(batch["inputs"])
+        _, aux = losses.cross_entropy(logits, batch["labels"], mask=batch.get("mask"))
+        return aux["nll_sum"], aux["tokens"]
+
+    return jax.jit(
+        eval_step,
+        in_shardings=(setup.state_shardings["params"], batch_sharding, None, None),
+        out_shardings=NamedSharding(setup.mesh, PartitionSpec()),
+    )
+
+
+def compile_train_step(step_fn, state, setup: TrainSetup, block_size: int):
+    """Compile ahead of time once; returns (compiled, memory analysis or None)."""
+    T = block_size
+    batch = {
+        "inputs": jax.ShapeDtypeStruct((setup.accum, setup.global_micro_batch, T), jnp.int32),
+        "labels": jax.ShapeDtypeStruct((setup.accum, setup.global_micro_batch, T), jnp.int32),
+    }
+    compiled = step_fn.lower(abstract_state(state), batch, jax.random.key(0)).compile()
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # not every backend reports it
+        mem = None
+    return compiled, mem

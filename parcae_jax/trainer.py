@@ -1,0 +1,311 @@
+"""The training loop: data, sharded state, the compiled step, evaluation, checkpoints, metrics.
+
+`train(run_cfg, workdir)` runs (or resumes) a whole run and returns its last logged row. Everything a
+step depends on is a function of (config, step): the batch (the pipeline state is checkpointed), the
+depths and initial states (drawn from `fold_in(key(seed), step)`), and the train state itself, so a
+resumed run reproduces the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec
+
+from parcae_jax import checkpointing, flops, sharding, train_step
+from parcae_jax.data import pipeline, shards
+from parcae_jax.metrics import MetricsWriter, Throughput, progress_line
+
+log = logging.getLogger("parcae_jax")
+
+GUARDRAILS = ("stop", "rollback", "none")
+MAX_ROLLBACKS = 3
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (loss guardrail, non-finite loss); the message says why."""
+
+
+@dataclasses.dataclass
+class DataInfo:
+    dataset_dir: str
+    tokenizer_dir: str | None
+    metadata: dict
+
+
+def resolve_data(run_cfg: ml_collections.ConfigDict) -> DataInfo:
+    """Prepare the embedded corpus on first use, or open `data.dataset_dir`; check the tokenizer."""
+    data = run_cfg.data
+    if data.source == "shakespeare":
+        from parcae_jax.data.prepare import ensure_shakespeare_dataset
+
+        cache = os.path.expanduser(data.cache_dir)
+        dataset_dir, tokenizer_dir = ensure_shakespeare_dataset(cache, int(data.vocab_size))
+    elif data.source == "dir":
+        if not data.dataset_dir:
+            raise ValueError("data.source='dir' needs --config.data.dataset_dir=PATH (prepared shards)")
+        dataset_dir, tokenizer_dir = data.dataset_dir, data.tokenizer
+    else:
+        raise ValueError(f"data.source must be 'shakespeare' or 'dir', got {data.source!r}")
+    meta = shards.load_metadata(dataset_dir)
+    if data.tokenizer:
+        from parcae_jax.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(data.tokenizer)
+        shards.check_tokenizer(meta, tok.fingerprint, dataset_dir, data.tokenizer)
+    vocab = int(meta["tokenizer"]["vocab_size"])
+    if vocab > run_cfg.model.vocab_size:
+        raise ValueError(
+            f"{dataset_dir} was tokenized with {vocab} ids but model.vocab_size={run_cfg.model.vocab_size}; "
+            f"set --config.model.vocab_size={vocab} (or larger)"
+        )
+    return DataInfo(dataset_dir, tokenizer_dir, meta)
+
+
+def _eval_depths(run_cfg) -> list[int | None]:
+    model = run_cfg.model
+    if model.arch != "parcae":
+        return [None]
+    depths = sorted({int(d) for d in run_cfg.train.partial_depth_eval} | {int(model.mean_recurrence)})
+    return depths
+
+
+class Evaluator:
+    """Validation loss on the held-out split at several depths, one compiled program (depth traced)."""
+
+    def __init__(self, run_cfg, setup: train_step.TrainSetup, data: DataInfo):
+        self.setup = setup
+        self.depths = _eval_depths(run_cfg)
+        self.step_fn = train_step.make_eval_step(setup)
+        self.block_size = int(run_cfg.model.block_size)
+        self.batch_size = setup.global_micro_batch
+        self.max_batches = int(run_cfg.train.eval_iters)
+        self.dataset_dir = data.dataset_dir
+        self.has_val = "val" in data.metadata["splits"] and data.metadata["splits"]["val"]["tokens"] > 0
+        self.sharding = NamedSharding(setup.mesh, PartitionSpec(("data", "fsdp"), None))
+        self.key = jax.random.key(int(run_cfg.train.seed) + 1)  # fixed: comparable across steps
+
+    def __call__(self, params) -> dict[str, float]:
+        if not self.has_val:
+            return {}
+        totals = {d: [0.0, 0.0] for d in self.depths}
+        batches = pipeline.eval_batches(
+            self.dataset_dir,
+            split="val",
+            block_size=self.block_size,
+            batch_size=self.batch_size,
+            max_batches=self.max_batches,
+        )
+        for local in batches:
+            batch = pipeline.global_batch(local, self.sharding, batch_axis=0)
+            for depth in self.depths:
+                nll, tokens = self.step_fn(params, batch, jnp.int32(depth or 0), self.key)
+                totals[depth][0] += float(nll)
+                totals[depth][1] += float(tokens)
+        out = {}
+        for depth, (nll, tokens) in totals.items():
+            name = "val_loss" if depth is None else f"val_loss_{depth}"
+            out[name] = nll / max(tokens, 1.0)
+        return out
+
+
+def _run_meta(run_cfg, setup, step: int, counters: dict) -> dict:
+    return {
+        "format": "parcae-jax-train-checkpoint",
+        "step": step,
+        "model": setup.model_cfg.to_dict(),
+        "config": run_cfg.to_dict(),
+        "seed": int(run_cfg.train.seed),
+        **counters,
+    }
+
+
+def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None) -> dict:
+    """Train (or resume) the run in `workdir`; returns the last logged metrics row.
+
+    `stop_after_steps` ends the process early (tests, benchmarks) without changing the schedule.
+    """
+    train_cfg = run_cfg.train
+    if train_cfg.loss_guardrail not in GUARDRAILS:
+        raise ValueError(
+            f"train.loss_guardrail must be one of {GUARDRAILS}, got {train_cfg.loss_guardrail!r}"
+        )
+    os.makedirs(workdir, exist_ok=True)
+    budget = flops.training_budget(run_cfg)
+    max_steps = budget.steps
+    data = resolve_data(run_cfg)
+
+    mesh = sharding.make_mesh(run_cfg.mesh.data, run_cfg.mesh.fsdp, run_cfg.mesh.tensor)
+    setup, state = train_step.create_train_state(run_cfg, mesh, max_steps)
+    cfg = setup.model_cfg
+    log.info("mesh %s, %d process(es); accumulation %d x global micro-batch %d",
+             dict(mesh.shape), jax.process_count(), setup.accum, setup.global_micro_batch)
+    log.info("stop: %s -> %d steps, %.3g tokens, %.3g FLOPs (%d FLOPs/token, official formula)",
+             budget.criterion, max_steps, budget.tokens, budget.total_flops, budget.flops_per_token)
+
+    checkpointer = checkpointing.Checkpointer(
+        workdir, keep_last=int(train_cfg.keep_last), keep_period=train_cfg.keep_period
+    )
+    start = checkpointer.latest_step()
+    if start is not None:  # fail on an incompatible checkpoint before spending time compiling
+        where = f"{checkpointer.directory}/{start}"
+        checkpointing.check_compatible(checkpointer.read_meta(start), cfg, where)
+
+    step_fn = train_step.make_train_step(setup, train_cfg)
+    t0 = time.perf_counter()
+    compiled, memory = train_step.compile_train_step(step_fn, state, setup, cfg.block_size)
+    log.info("train step compiled in %.1f s; memory: %s", time.perf_counter() - t0, _memory_summary(memory))
+
+    counters = {"tokens": 0, "flops": 0, "rollbacks": 0}
+    data_state = None
+    if start is not None:
+        state, data_state, meta = checkpointer.restore(start, train_step.abstract_state(state), cfg)
+        counters.update({k: meta[k] for k in counters if k in meta})
+        log.info("resumed from %s/%d", checkpointer.directory, start)
+    else:
+        start = 0
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(checkpointing._jsonable(run_cfg.to_dict()), f, indent=2)
+
+    batches = pipeline.train_iterator(
+        data.dataset_dir,
+        block_size=cfg.block_size,
+        world_batch=int(train_cfg.world_batch_size),
+        accum=setup.accum,
+        seed=int(train_cfg.seed),
+        packing=run_cfg.data.packing,
+        num_workers=int(run_cfg.data.num_workers),
+        prefetch=int(run_cfg.data.prefetch),
+    )
+    if data_state:
+        batches.set_state(data_state)
+    evaluator = Evaluator(run_cfg, setup, data)
+    writer = MetricsWriter(
+        workdir,
+        resume_step=start,
+        wandb_cfg=dict(project=train_cfg.wandb_project, dir=workdir) if train_cfg.wandb else None,
+        config=run_cfg.to_dict(),
+    )
+    preempted = checkpointing.PreemptionFlag()
+    key = jax.random.key(int(train_cfg.seed))
+    tokens_per_step = budget.tokens_per_step
+    t_hw, s_hw = flops.expected_split(cfg)
+    throughput = Throughput(
+        flops.hardware_flops_per_token(cfg, f=t_hw + s_hw, b=s_hw) if cfg.arch == "parcae"
+        else flops.hardware_flops_per_token(cfg),
+        flops.peak_flops_per_device(),
+        jax.device_count(),
+    )
+    # Fault injection for the resume tests: SIGKILL this process right after step N (no clean exit).
+    kill_at = int(os.environ.get("PARCAE_JAX_SIGKILL_AFTER_STEP", "0"))
+    run_t0 = time.perf_counter()
+    last_row: dict[str, Any] = {}
+    end = max_steps if stop_after_steps is None else min(max_steps, stop_after_steps)
+
+    def save(step):
+        checkpointer.save(step, state, batches.get_state(), _run_meta(run_cfg, setup, step, counters))
+
+    step = start
+    try:
+        while step < end:
+            local = next(batches)
+            batch = pipeline.global_batch(local, setup.batch_sharding)
+            state, metrics = compiled(state, batch, key)
+            step += 1
+            counters["tokens"] += tokens_per_step
+            counters["flops"] += tokens_per_step * flops.training_flops_per_token(cfg, step)
+            throughput.add(tokens_per_step)
+            is_last = step == end
+            do_eval = step % int(train_cfg.eval_every) == 0 or is_last
+            if step % int(train_cfg.log_every) == 0 or do_eval or is_last:
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                tokens_per_s, mfu, _ = throughput.rates()
+                throughput.reset()
+                elapsed = time.perf_counter() - run_t0
+                row.update(
+                    step=step,
+                    tokens=counters["tokens"],
+                    flops=counters["flops"],
+                    tokens_per_s=tokens_per_s,
+                    mfu=mfu,
+                    padding_fraction=float(getattr(batches, "padding_fraction", 0.0)),
+                    eta_s=elapsed / max(step - start, 1) * (end - step),
+                )
+                verdict = _guardrail(row, counters, train_cfg)
+                if do_eval:
+                    row.update(evaluator(state["params"]))
+                writer.write(row)
+                if jax.process_index() == 0:
+                    log.info(progress_line(row, max_steps))
+                last_row = row
+                if verdict == "stop":
+                    raise TrainingStopped(
+                        f"loss guardrail: loss {row['loss']:.3f} at step {step} "
+                        f"(limit {train_cfg.guardrail_loss} after {train_cfg.guardrail_after_tokens} tokens, "
+                        "or non-finite); lower the learning rate or use train.loss_guardrail=rollback"
+                    )
+                if verdict == "rollback":
+                    state, step = _rollback(checkpointer, state, setup, counters, step)
+                    continue
+            if step % int(train_cfg.checkpoint_every) == 0 or is_last:
+                save(step)
+            if step == kill_at:  # let in-flight saves land first, so the test knows which checkpoint exists
+                checkpointer.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if checkpointing.any_process(preempted.is_set()):
+                save(step)
+                log.warning("preempted: checkpoint at step %d written; rerun the command to resume", step)
+                break
+    finally:
+        batches.close()
+        checkpointer.close()
+        writer.close()
+        preempted.restore_handlers()
+    return last_row
+
+
+def _guardrail(row: dict, counters: dict, train_cfg) -> str | None:
+    """'stop' / 'rollback' when the loss is non-finite or above the limit late in training."""
+    if train_cfg.loss_guardrail == "none" and math.isfinite(row["loss"]):
+        return None
+    bad = not math.isfinite(row["loss"]) or (
+        counters["tokens"] > train_cfg.guardrail_after_tokens and row["loss"] > train_cfg.guardrail_loss
+    )
+    if not bad:
+        return None
+    if train_cfg.loss_guardrail == "rollback" and counters["rollbacks"] < MAX_ROLLBACKS:
+        return "rollback"
+    return "stop"
+
+
+def _rollback(checkpointer, state, setup, counters, step):
+    """Restore the last checkpoint's train state but keep the data position (skip the bad batches)."""
+    last = checkpointer.latest_step()
+    if last is None:
+        raise TrainingStopped(f"loss guardrail at step {step} and no checkpoint to roll back to")
+    checkpointer.wait()
+    state, _, _ = checkpointer.restore(last, train_step.abstract_state(state), setup.model_cfg)
+    counters["rollbacks"] += 1
+    log.warning("loss guardrail: rolled back from step %d to checkpoint %d (rollback %d of %d)",
+                step, last, counters["rollbacks"], MAX_ROLLBACKS)
+    return state, last
+
+
+def _memory_summary(memory) -> str:
+    if memory is None:
+        return "n/a"
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    parts = [f"{f.replace('_size_in_bytes', '')} {getattr(memory, f, 0) / 2**20:.1f} MiB"
+             for f in fields if hasattr(memory, f)]
+    return ", ".join(parts) + " per device"

@@ -1,0 +1,131 @@
+"""Multi-process training on this machine: real processes joined by `jax.distributed` (gloo on CPU).
+
+Each process fakes 2 CPU devices; the global mesh spans processes. These are the same code paths a
+TPU pod or a multi-node GPU job takes (process-local data -> global arrays, per-process checkpoint
+shards, process-0-only metrics), minus the network.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from helpers import write_token_dataset
+from test_train import REPO, SMALL, TINY
+
+from parcae_jax.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_token_dataset(tmp_path_factory.mktemp("mp_tokens") / "data", vocab_size=256)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def command(workdir, dataset, *extra):
+    return [sys.executable, str(REPO / "train.py"), "--config", TINY, "--workdir", str(workdir),
+            *[f"--config.{o}" for o in SMALL], "--config.data.source=dir",
+            f"--config.data.dataset_dir={dataset}", "--config.train.max_steps=8",
+            "--config.train.checkpoint_every=4", "--config.train.eval_every=4", *extra]
+
+
+def env_for(devices: int, **extra) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(extra)
+    return env
+
+
+def start(workdir, dataset, processes: int, devices_each: int, *extra, env_extra=None):
+    """Start `processes` train.py processes (output to log files; a full pipe must never block one);
+    `env_extra` maps process id -> extra environment."""
+    logs = pathlib.Path(str(workdir) + "_logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for i in range(processes):
+        args = command(workdir, dataset, *extra)
+        if processes > 1:
+            args += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
+                     f"--process_id={i}", "--heartbeat_timeout_seconds=15"]
+        env = env_for(devices_each, **((env_extra or {}).get(i, {})))
+        log = open(logs / f"process_{i}_{time.monotonic_ns()}.log", "w+")
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc.log = log
+        procs.append(proc)
+    return procs
+
+
+def output(proc) -> str:
+    proc.log.flush()
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def wait_all(procs, timeout=600):
+    for p in procs:
+        p.wait(timeout=timeout)
+    return [p.returncode for p in procs], [output(p) for p in procs]
+
+
+def losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_multi_process_losses_equal_single_process(dataset, tmp_path, processes):
+    devices = 2 * processes
+    codes, outs = wait_all(start(tmp_path / "multi", dataset, processes, 2))
+    assert codes == [0] * processes, outs[0][-3000:]
+    codes, outs = wait_all(start(tmp_path / "single", dataset, 1, devices))
+    assert codes == [0], outs[0][-3000:]
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    assert sorted(multi) == list(range(1, 9))  # process 0 alone wrote the metrics, once per step
+    np.testing.assert_allclose([multi[s] for s in range(1, 9)], [single[s] for s in range(1, 9)], rtol=1e-5)
+    assert "val_loss_4" in read_metrics(str(tmp_path / "multi"))[-1]
+
+
+def test_two_process_checkpoint_restores_in_one_process(dataset, tmp_path):
+    codes, outs = wait_all(start(tmp_path / "two", dataset, 2, 2))
+    assert codes == [0, 0], outs[0][-3000:]
+    # A new workdir holding only the step-4 checkpoint of the 2-process run.
+    (tmp_path / "one" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "4", tmp_path / "one" / "checkpoints" / "4")
+    codes, outs = wait_all(start(tmp_path / "one", dataset, 1, 4))
+    assert codes == [0], outs[0][-3000:]
+    assert "resumed from" in outs[0]
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(one) == [5, 6, 7, 8]
+    np.testing.assert_allclose([one[s] for s in range(5, 9)], [two[s] for s in range(5, 9)], rtol=1e-5)
+
+
+def test_killed_worker_stops_the_run_and_restart_resumes(dataset, tmp_path):
+    workdir = tmp_path / "run"
+    procs = start(workdir, dataset, 2, 2, env_extra={1: {"PARCAE_JAX_SIGKILL_AFTER_STEP": "5"}})
+    killed = procs[1]
+    killed.wait(timeout=600)
+    assert killed.returncode == -9
+    t0 = time.monotonic()
+    try:
+        procs[0].wait(timeout=120)  # must not hang on the dead peer
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("process 0 still running 120 s after its peer died")
+    assert procs[0].returncode != 0
+    print(f"survivor exited {time.monotonic() - t0:.1f} s after the kill:\n{output(procs[0])[-800:]}")
+    codes, outs = wait_all(start(workdir, dataset, 2, 2))
+    assert codes == [0, 0], outs[0][-3000:]
+    assert "resumed from" in outs[0]
+    assert max(losses(workdir)) == 8
