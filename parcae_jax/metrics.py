@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 log = logging.getLogger("parcae_jax")
 
@@ -66,18 +67,26 @@ def progress_line(row: dict[str, Any], max_steps: int) -> str:
 class MetricsWriter:
     def __init__(self, workdir: str, *, resume_step: int = 0, wandb_cfg: dict | None = None, config=None):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = epath.Path(workdir) / METRICS_FILE
+        # Object stores (gs://) cannot append: there the whole (small) file is rewritten per write.
+        self.remote = self._is_remote(workdir)
         self._tb = None
         self._wandb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._truncate_after(resume_step)
-        self._file = open(self.path, "a")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lines = self._lines_up_to(resume_step)
+        self._write_all()
+        self._file = None if self.remote else open(self.path, "a")
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # tensorboardX writes gs:// itself only with extra packages: remote runs log events locally.
+            local_tb = os.path.expanduser("~/.cache/parcae_jax/tensorboard")
+            tb_dir = os.path.join(workdir, "tensorboard")
+            if self.remote:
+                tb_dir = os.path.join(local_tb, self.path.parent.name)
+            self._tb = SummaryWriter(tb_dir)
         except ImportError:  # tensorboardX is a core dependency, but keep running without it
             log.warning("tensorboardX not installed: no TensorBoard events")
         if wandb_cfg:
@@ -87,29 +96,39 @@ class MetricsWriter:
                 raise ImportError("train.wandb=True needs `pip install wandb`") from e
             self._wandb = wandb.init(**wandb_cfg, config=config, resume="allow")
 
-    def _truncate_after(self, step: int) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            lines = f.readlines()
+    @staticmethod
+    def _is_remote(workdir) -> bool:
+        return str(workdir).startswith(("gs://", "s3://"))
+
+    def _lines_up_to(self, step: int) -> list[str]:
+        """Existing lines of steps <= `step` (a resumed run drops the killed run's later lines)."""
+        if not self.path.exists():
+            return []
         keep = []
-        for line in lines:
+        for line in self.path.read_text().splitlines(keepends=True):
             try:
                 if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
+                    keep.append(line if line.endswith("\n") else line + "\n")
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        return keep
+
+    def _write_all(self) -> None:
+        tmp = self.path.parent / (METRICS_FILE + ".tmp")
+        tmp.write_text("".join(self._lines))
+        tmp.replace(self.path)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {k: to_python(v) for k, v in row.items()}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        line = json.dumps(row) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            self._write_all()
+        else:
+            self._file.write(line)
+            self._file.flush()
         step = row["step"]
         scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
         if self._tb is not None:
@@ -122,7 +141,8 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.enabled:
             return
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
@@ -130,14 +150,8 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    path = os.path.join(workdir, METRICS_FILE)
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
-    return rows
+    text = (epath.Path(workdir) / METRICS_FILE).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class Throughput:

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from parcae_jax import checkpointing, flops, sharding, train_step
@@ -140,7 +141,7 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
         raise ValueError(
             f"train.loss_guardrail must be one of {GUARDRAILS}, got {train_cfg.loss_guardrail!r}"
         )
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     budget = flops.training_budget(run_cfg)
     max_steps = budget.steps
     data = resolve_data(run_cfg)
@@ -175,8 +176,8 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
     else:
         start = 0
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                json.dump(checkpointing._jsonable(run_cfg.to_dict()), f, indent=2)
+            text = json.dumps(checkpointing._jsonable(run_cfg.to_dict()), indent=2)
+            (epath.Path(workdir) / "config.json").write_text(text)
 
     batches = pipeline.train_iterator(
         data.dataset_dir,

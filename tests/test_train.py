@@ -202,3 +202,24 @@ def test_train_cli_none_override_switches_stop_criterion(dataset, tmp_path):
     rows = read_metrics(str(tmp_path / "w"))
     assert rows[-1]["step"] == 3 and rows[-1]["tokens"] == 768
     assert json.loads((tmp_path / "w" / "config.json").read_text())["train"]["max_tokens"] == 768
+
+
+def test_metrics_file_resume_and_object_store_mode(tmp_path, monkeypatch):
+    """A resumed run drops the killed run's later lines; on object stores (no append) each write
+    rewrites the file, with the same content."""
+    from parcae_jax import metrics
+
+    for remote in (False, True):
+        workdir = tmp_path / f"remote_{remote}"
+        monkeypatch.setattr(metrics.MetricsWriter, "_is_remote", staticmethod(lambda _w, r=remote: r))
+        writer = metrics.MetricsWriter(str(workdir))
+        for step in range(1, 6):
+            writer.write({"step": step, "loss": 1.0 / step})
+        writer.close()
+        with open(workdir / metrics.METRICS_FILE, "a") as f:
+            f.write('{"step": 6, "lo')  # a line cut by SIGKILL
+        writer = metrics.MetricsWriter(str(workdir), resume_step=3)
+        writer.write({"step": 4, "loss": 9.0})
+        writer.close()
+        rows = read_metrics(str(workdir))
+        assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 9.0
