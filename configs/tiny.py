@@ -10,7 +10,7 @@ def get_config(arg=None):
     model.update(
         name="parcae-tiny",
         hf_config={"org": "parcae-jax", "name": "parcae-tiny"},
-        block_size=256,
+        block_size=128,
         vocab_size=4096,
         n_embd=128,
         num_attention_heads=4,
@@ -30,12 +30,12 @@ def get_config(arg=None):
     cfg.data.vocab_size = 4096
     cfg.train.world_batch_size = 16
     cfg.train.micro_batch_size = 16
-    cfg.train.max_steps = 600
+    cfg.train.max_steps = 300  # ~600k tokens: fits the README's 10-minute CPU budget
     cfg.train.lr = 3e-3
     cfg.train.muon_lr = 2e-2
     cfg.train.log_every = 10
-    cfg.train.eval_every = 100
+    cfg.train.eval_every = 50
     cfg.train.eval_iters = 8
-    cfg.train.checkpoint_every = 200
+    cfg.train.checkpoint_every = 100
     cfg.train.loss_guardrail = "none"
     return cfg

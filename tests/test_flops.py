@@ -46,11 +46,11 @@ def test_released_params_and_flops_match_spec(name):
 
 # ---- a tiny Parcae by hand ------------------------------------------------------------------------
 
-D, H, F, V, T = 128, 4, 512, 4096, 256  # configs/tiny.py: P=1, R=2, C=1, r̄=4, k̄=2, tied, 2 VE tables
+D, H, F, V, T = 128, 4, 512, 4096, 256  # tiny.py at block 256: P=1, R=2, C=1, r̄=4, k̄=2, tied, 2 VE
 
 
 def tiny_model() -> dict:
-    return load_config(config_file("tiny")).model.to_dict()
+    return load_config(config_file("tiny"), ["model.block_size=256"]).model.to_dict()
 
 
 def test_tiny_parcae_by_hand():
@@ -250,7 +250,8 @@ def test_split_config_args():
 
 
 def test_cli_prints_table(capsys):
-    flops.main(["--config", config_file("tiny"), "--config.model.mean_recurrence=6"])
+    flops.main(["--config", config_file("tiny"), "--config.model.mean_recurrence=6",
+                "--config.model.block_size=256", "--config.train.max_steps=600"])
     out = capsys.readouterr().out
     p = flops.param_counts(dict(tiny_model(), mean_recurrence=6))
     for figure in (p.embedding, p.core, p.non_core, p.total, 20_139_264, 600, 600 * 16 * 256):

@@ -195,7 +195,7 @@ def test_train_cli_none_override_switches_stop_criterion(dataset, tmp_path):
 
     cfg = load_config(TINY, ["train.max_steps=None", "train.max_tokens=100000"])
     assert cfg.train.max_steps is None
-    assert flops.training_budget(cfg).steps == 100000 // (16 * 256)
+    assert flops.training_budget(cfg).steps == 100000 // (16 * 128)
     result = run_train(tmp_path / "w", dataset, 1, "--config.train.max_steps=None",
                        "--config.train.max_tokens=768", "--config.train.eval_every=1")
     assert result.returncode == 0, result.stderr[-3000:]
