@@ -161,6 +161,20 @@ def test_core_suite_known_answers_on_any_mesh(mesh_shape, batch_size):
     assert scorer.batch_size % (mesh_shape[0] * mesh_shape[1]) == 0
 
 
+def test_core_extended_uses_its_own_settings_and_reports_missing_and_skipped():
+    out = core.run_suite("core_extended", successor_scorer(), CharTokenizer(), Bundle(BUNDLE), depths=[0],
+                         keys=[jax.random.key(0)], max_seq_len=64, log=lambda *_: None)
+    # Built-in settings: bigbench_operators is 10-shot but has 4 examples; winograd's delimiter is " ",
+    # so both options tie on " bcd"-style spans and the first one is chosen (2 of 3 golds are 0).
+    assert out["skipped"] == {"bigbench_operators": "4 examples, too few for 10-shot prompts"}
+    assert out["tasks"]["winograd"]["delimiter"] == " " and len(out["missing"]) == 46 - 4
+    result = out["depths"]["0"]
+    assert {k: v["accuracy"] for k, v in result["tasks"].items()} == pytest.approx(
+        {"copa": 3 / 4, "winograd": 2 / 3, "lambada_openai": 1 / 2})
+    assert result["core_extended_metric"] == pytest.approx((0.5 + 1 / 3 + 0.5) / 3)
+    assert result["core_metric"] == pytest.approx(result["core_extended_metric"])
+
+
 def test_mean_not_sum_of_choice_losses():
     """copa item q3: choice "k" has CE sum 10 (mean 10), "abcdefgz" sum 20 (mean 2.5): mean picks 1."""
     spec = TaskSpec("copa", "x", 0, "multiple_choice")

@@ -16,10 +16,11 @@ Every prompt starts with BOS (tokenizer `bos_id`, else 1); a prompt longer than 
 its last `max_seq_len` tokens (the span shifts with it). Accuracy is centred on the bundle's random
 baseline b (percent): `(acc - b/100) / (1 - b/100)`; CORE = mean centred accuracy over the tasks.
 
-Two departures from the official code, both where it would crash: when a cut task holds fewer than
-`num_fewshot + 1` examples, few-shot examples come from the whole shuffled task (reported as
-`fewshot_pool: "full"`); when the LM prompt without continuation does not tokenise to a prefix of the
-prompt with it, the span starts at their common prefix (counted in `prefix_mismatches`).
+Departures from the official code, all where it would crash: a task whose data file is absent is
+reported in `missing`, and one with no more examples than shots in `skipped`; when a cut task holds
+fewer than `num_fewshot + 1` examples, few-shot examples come from the whole shuffled task
+(`fewshot_pool: "full"`); when the LM prompt without continuation does not tokenise to a prefix of
+the prompt with it, the span starts at their common prefix (counted in `prefix_mismatches`).
 """
 
 from __future__ import annotations
@@ -238,12 +239,13 @@ def run_suite(suite: str, scorer: TokenScorer, tokenizer, bundle: Bundle, *, dep
               max_per_task: int = -1, max_seq_len: int, log=print) -> dict:
     """Evaluate `core` or `core_extended` at every depth, for every (few-shot seed, state key) run.
 
-    Returns {"suite", "tasks": {label: settings and data facts}, "missing": [labels],
+    Returns {"suite", "tasks": {label: settings and data facts}, "missing": [labels], "skipped":
+    {label: why (too few examples for the shots)},
     "depths": {depth: {"tasks": {label: accuracy/centered mean, std and runs}, "core_metric",
     "core_metric_std", ["core_extended_metric", ...], "num_tasks", "complete"}}, "bundle": {...}}.
     """
     specs = bundle.suite(suite)
-    info, missing, used_files = {}, [], []
+    info, missing, skipped, used_files = {}, [], {}, []
     correct: dict[str, dict[int, list[float]]] = {}  # label -> depth -> accuracy per run
     for spec in specs:
         path = bundle.data_path(spec)
@@ -255,6 +257,10 @@ def run_suite(suite: str, scorer: TokenScorer, tokenizer, bundle: Bundle, *, dep
         t0 = time.perf_counter()
         full = shuffled(load_task_data(path))
         cut = full[:max_per_task] if max_per_task > 0 else full
+        if spec.num_fewshot >= len(full):  # the official code crashes here; report and go on
+            skipped[spec.label] = f"{len(full)} examples, too few for {spec.num_fewshot}-shot prompts"
+            log(f"  {spec.label}: skipped ({skipped[spec.label]})")
+            continue
         baseline, source = bundle.baseline(spec.label)
         runs: dict[int, list[float]] = {d: [] for d in depths}
         pools, mismatches, truncated = set(), 0, 0
@@ -290,6 +296,7 @@ def run_suite(suite: str, scorer: TokenScorer, tokenizer, bundle: Bundle, *, dep
         "max_seq_len": max_seq_len,
         "tasks": info,
         "missing": missing,
+        "skipped": skipped,
         "depths": by_depth,
         "bundle": {"dir": str(bundle.root), "fingerprint": bundle.fingerprint(used_files)},
     }

@@ -20,7 +20,7 @@ def _num(x, digits: int = 4) -> str:
 def _pm(mean, std, digits: int = 4) -> str:
     if std is None or not std:
         return _num(mean, digits)
-    return f"{_num(mean, digits)} ± {_num(std, digits)}"
+    return f"{_num(mean, digits)} ± {std:.2g}"  # two significant digits: the spread is often tiny
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -71,6 +71,8 @@ def _suite_table(suite: dict) -> str:
             parts.append(f"Core-Extended {metric} over {result['num_tasks']} tasks")
     if suite["missing"]:
         parts.append(f"missing from the bundle: {', '.join(suite['missing'])}")
+    for label, why in suite.get("skipped", {}).items():
+        parts.append(f"skipped {label}: {why}")
     return "\n".join(parts)
 
 
