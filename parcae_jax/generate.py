@@ -395,9 +395,10 @@ def _sample_main(argv) -> int:
         parser.error(f"no tokenizer found for {args.model}; pass --tokenizer PATH")
     tokenizer = load_tokenizer(tok_path)
     model = load_model(args.model, args.step)
-    prefix = [] if args.no_bos else [tokenizer.bos_id]
+    prefix = [] if args.no_bos or tokenizer.bos_id is None else [tokenizer.bos_id]
     prompts = [prefix + tokenizer.encode(p) for p in args.prompt]
-    stop = args.stop_token if args.stop_token is not None else [tokenizer.eos_id]
+    default_stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    stop = args.stop_token if args.stop_token is not None else default_stop
     streamed = [[] for _ in prompts]
     shown = [""]
 
