@@ -58,7 +58,11 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-    return os.path.join(os.fspath(workdir), CHECKPOINT_DIR)
+    """`WORKDIR/checkpoints`, absolute for local paths (Orbax's OCDBT writer rejects relative ones)."""
+    workdir = os.fspath(workdir)
+    if "://" not in workdir:
+        workdir = os.path.abspath(os.path.expanduser(workdir))
+    return os.path.join(workdir, CHECKPOINT_DIR)
 
 
 class Checkpointer:
@@ -213,7 +217,7 @@ def load_model_from_workdir(workdir: str | os.PathLike, step: int | None = None,
 
     from parcae_jax.model import build_model
 
-    workdir = pathlib.Path(workdir).expanduser()
+    workdir = pathlib.Path(workdir).expanduser().resolve()
     directory = workdir / CHECKPOINT_DIR
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} has no {CHECKPOINT_DIR}/ folder: not a training workdir")

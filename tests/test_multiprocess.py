@@ -38,7 +38,10 @@ def command(workdir, dataset, *extra):
     return [sys.executable, str(REPO / "train.py"), "--config", TINY, "--workdir", str(workdir),
             *[f"--config.{o}" for o in SMALL], "--config.data.source=dir",
             f"--config.data.dataset_dir={dataset}", "--config.train.max_steps=8",
-            "--config.train.checkpoint_every=4", "--config.train.eval_every=4", *extra]
+            "--config.train.checkpoint_every=4", "--config.train.eval_every=4",
+            # fp32 orthogonalisation: gloo and in-process all-reduces sum in different orders, and bf16
+            # Muon turns that last-bit noise into ~1e-4 loss differences (see test_train's mesh test).
+            "--config.train.muon_ortho_dtype=float32", *extra]
 
 
 def env_for(devices: int, **extra) -> dict:

@@ -93,11 +93,16 @@ def test_mesh_shapes_give_the_same_losses(dataset):
 def trained_run(dataset, tmp_path_factory):
     from parcae_jax import trainer
 
-    workdir = str(tmp_path_factory.mktemp("run"))
+    parent = tmp_path_factory.mktemp("run")
     cfg = small_config(dataset, "train.max_steps=8", "train.eval_every=4", "train.checkpoint_every=4",
                        "train.lr=1e-2")
-    last = trainer.train(cfg, workdir)
-    return workdir, cfg, last
+    cwd = os.getcwd()
+    os.chdir(parent)
+    try:  # a relative --workdir, as in the README's main job
+        last = trainer.train(cfg, "run")
+    finally:
+        os.chdir(cwd)
+    return str(parent / "run"), cfg, last
 
 
 def test_trainer_writes_metrics_checkpoints_and_validation(trained_run):
