@@ -228,3 +228,34 @@ def test_metrics_file_resume_and_object_store_mode(tmp_path, monkeypatch):
         writer.close()
         rows = read_metrics(str(workdir))
         assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 9.0
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(dataset, tmp_path):
+    """Preemption (SIGTERM): the step in flight finishes, a checkpoint of it is written, exit 0."""
+    import signal
+    import time
+
+    workdir = tmp_path / "preempted"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    args = [sys.executable, str(REPO / "train.py"), "--config", TINY, "--workdir", str(workdir),
+            *[f"--config.{o}" for o in SMALL], "--config.data.source=dir",
+            f"--config.data.dataset_dir={dataset}", "--config.train.max_steps=100000",
+            "--config.train.checkpoint_every=100000", "--config.train.eval_every=100000"]
+    log = open(tmp_path / "train.log", "w+")  # a file, not a pipe: a full pipe would block the run
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    metrics_file = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics_file.exists() and metrics_file.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    log.seek(0)
+    err = log.read()
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted" in err
+    steps = checkpointing.Checkpointer(workdir).all_steps()
+    assert len(steps) == 1 and steps[0] >= 3
+    assert steps[0] == read_metrics(str(workdir))[-1]["step"]
