@@ -97,7 +97,7 @@ def format_results(results: dict) -> str:
               "core_extended": _suite_table, "lambada": _lambada_table, "sample": _samples}
     for task, result in results["tasks"].items():
         lines.append(f"\n## {task} ({results['timing'].get(task, 0):.1f} s)")
-        if "skipped" in result:
+        if isinstance(result.get("skipped"), str):  # the whole task (a suite's dict lists its tasks)
             lines.append(f"skipped: {result['skipped']}")
         else:
             lines.append(render[task](result))
