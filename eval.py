@@ -12,35 +12,18 @@ sweep's PNG goes next to it). Multi-process runs initialise `jax.distributed` as
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from parcae_jax.launch import check_config_argv, multi_host_environment
+
 config_flags.DEFINE_config_file("config", None, "Eval config: configs/eval.py:TASK[,TASK...]",
                                 lock_config=True)
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
-
-
-def _check_keys(argv: list[str]) -> None:
-    """Fail on a misspelt --config.key with the list of valid keys (config_flags only guesses one)."""
-    from parcae_jax.cli_config import UnknownConfigKeyError, load_config, split_config_args
-
-    try:
-        path, overrides, _ = split_config_args(argv[1:])
-        if path is not None:
-            load_config(path, overrides)
-    except (UnknownConfigKeyError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
-
-def _multi_host_environment() -> bool:
-    """True on a multi-host TPU slice or a multi-task Slurm job (as in train.py)."""
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    return len(hosts) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def main(argv):
@@ -51,7 +34,7 @@ def main(argv):
     warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
     import jax
 
-    if _multi_host_environment():
+    if multi_host_environment():
         jax.distributed.initialize()  # before anything touches a device
     from parcae_jax.evaluation import runner
     from parcae_jax.evaluation.bundle import BundleError
@@ -64,5 +47,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _check_keys(sys.argv)
+    check_config_argv(sys.argv)
     app.run(main)

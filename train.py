@@ -18,6 +18,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from parcae_jax.launch import check_config_argv, multi_host_environment
+
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard events.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for multi-process runs.")
@@ -30,18 +32,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def _multi_host_environment() -> bool:
-    """True on a multi-host TPU slice or a multi-task Slurm job (where initialize() needs no args)."""
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if len([h for h in hosts.split(",") if h]) > 1:
-        return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1
-
-
 def _init_distributed() -> None:
     import jax
 
-    multi = bool(FLAGS.coordinator_address or FLAGS.num_processes) or _multi_host_environment()
+    multi = bool(FLAGS.coordinator_address or FLAGS.num_processes) or multi_host_environment()
     if multi and os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
         # CPU-only multi-process runs (tests, debugging) need a cross-process collectives backend.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -62,14 +56,7 @@ def _preparse(argv: list[str]) -> tuple[list[str], list[str]]:
     """Check every `--config.x=y` against the config first, so a misspelt key fails with the valid keys
     (config_flags alone only suggests one), and take out `=None` overrides, which config_flags cannot
     parse for typed fields (switching stop criterion: --config.train.max_steps=None); main sets them."""
-    from parcae_jax.cli_config import UnknownConfigKeyError, load_config, split_config_args
-
-    try:
-        path, overrides, _ = split_config_args(argv[1:])
-        if path is not None:
-            load_config(path, overrides)
-    except (UnknownConfigKeyError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    overrides = check_config_argv(argv)
     none_keys = [o.partition("=")[0] for o in overrides if o.partition("=")[2] == "None"]
     kept = [a for a in argv if not (a.startswith("--config.") and a.endswith("=None"))]
     return kept, none_keys
