@@ -239,11 +239,13 @@ launch_all_flags() {
   require config workdir
 }
 
-launch_main() {
-  SCRIPT_USAGE=$LAUNCH_USAGE
+# Parse and finalise every flag launch.sh understands (create, install, launch, common), with `usage`
+# as the --help text; shared by launch.sh and preempt_watch.sh.
+launch_parse_all() {
+  SCRIPT_USAGE=$1
+  shift
   PASSTHROUGH_RE='^config\.'
   launch_all_flags
-  local args=("$@")
   parse_flags "$@"
   require_zone
   common_finish
@@ -251,6 +253,11 @@ launch_main() {
   create_finish
   install_finish
   launch_finish
+}
+
+launch_main() {
+  local args=("$@")
+  launch_parse_all "$LAUNCH_USAGE" "$@"
   if ((CREATE)); then
     note "parcae-jax on $NAME: $(describe_slice) in $ZONE"
   elif flag_given accelerator; then

@@ -114,16 +114,7 @@ watch_loop() {
 }
 
 watch_main() {
-  SCRIPT_USAGE=$WATCH_USAGE
-  PASSTHROUGH_RE='^config\.'
-  launch_all_flags
-  parse_flags "$@"
-  require_zone
-  common_finish
-  worker_finish
-  create_finish
-  install_finish
-  launch_finish
+  launch_parse_all "$WATCH_USAGE" "$@"
   strip_control_flags "$@"
   ASYNC=0
   if [[ "$DRY_RUN" == 1 ]]; then

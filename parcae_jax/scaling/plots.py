@@ -23,6 +23,12 @@ def _colors(n: int):
     return [cmap(i / max(n - 1, 1)) for i in range(n)]
 
 
+def _save(plt, fig, path: pathlib.Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_isoflops(fits: dict, path: pathlib.Path) -> None:
     """Loss against mean recurrence and against tokens, one curve per budget, parabola and minimum."""
     plt = _pyplot()
@@ -54,9 +60,7 @@ def plot_isoflops(fits: dict, path: pathlib.Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.suptitle("isoFLOP curves: parabola in log x per budget, ★ = optimum (± 1σ)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_power_laws(fits: dict, path: pathlib.Path) -> None:
@@ -89,9 +93,7 @@ def plot_power_laws(fits: dict, path: pathlib.Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
     fig.suptitle("compute-optimal recurrence and data: power laws in C")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_test_time(results: list[dict], fits: dict, path: pathlib.Path) -> None:
@@ -128,9 +130,7 @@ def plot_test_time(results: list[dict], fits: dict, path: pathlib.Path) -> None:
     for ax in list(axes.flat)[len(budgets) :]:
         ax.axis("off")
     fig.suptitle("test-time scaling: L(T) = L_inf + Z·exp(−z·T) per run (solid), unified law (dashed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_predicted_vs_observed(fits: dict, path: pathlib.Path) -> None:
@@ -152,9 +152,7 @@ def plot_predicted_vs_observed(fits: dict, path: pathlib.Path) -> None:
     ax.set_title("unified law: predicted vs observed\n(mean relative error)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_all(results: list[dict], fits: dict, out: pathlib.Path) -> list[str]:
