@@ -38,4 +38,10 @@ def get_config(arg=None):
     cfg.train.eval_iters = 8
     cfg.train.checkpoint_every = 100
     cfg.train.loss_guardrail = "none"
+    # The efficient path (docs/official_recipe.md): BOS-joined rows without padding, one loss mean over
+    # the step, every step applied.
+    cfg.data.packing = "bos"
+    cfg.train.loss_normalization = "global"
+    cfg.train.skip_first_step = False
+    cfg.train.stop_before_last_step = False
     return cfg

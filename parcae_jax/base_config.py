@@ -30,7 +30,8 @@ def base(model_fields: dict[str, Any]) -> ml_collections.ConfigDict:
     # Every field of the model (official defaults filled in) so any of them can be overridden.
     model = ModelConfig.from_dict(model_fields).to_dict()
     for key, typ in _OPTIONAL_MODEL_FIELDS.items():  # typed, so `--config.model.x=...` can set them
-        if model.get(key) is None:
+        # Only the fields this architecture has: a GPT has no `recurrent_num_attention_heads`.
+        if key in model and model[key] is None:
             model[key] = ml_collections.FieldReference(None, field_type=typ)
     cfg.model = model
 
@@ -41,7 +42,9 @@ def base(model_fields: dict[str, Any]) -> ml_collections.ConfigDict:
     # Tokenizer the run expects (folder or file); when set, shards made with another one are refused.
     cfg.data.tokenizer = ml_collections.FieldReference(None, field_type=str)
     cfg.data.vocab_size = 4096  # tokenizer size when the embedded corpus is prepared automatically
-    cfg.data.packing = "bos"  # 'bos' (documents back to back, BOS at each start) or 'best-fit' (official)
+    # 'best-fit' (official: documents without separators, packed per device micro-batch, padding
+    # ignored) or 'bos' (efficient: documents back to back, BOS at each start, no padding).
+    cfg.data.packing = "best-fit"
     cfg.data.num_workers = 0
     cfg.data.prefetch = 2
 
@@ -54,6 +57,9 @@ def base(model_fields: dict[str, Any]) -> ml_collections.ConfigDict:
     cfg.train.max_tokens = ml_collections.FieldReference(None, field_type=int)
     cfg.train.max_flops = ml_collections.FieldReference(None, field_type=float)
     cfg.train.tokens_per_param = ml_collections.FieldReference(None, field_type=float)
+    # What `tokens_per_param` multiplies: 'unique' (official `token_to_param_ratio`: every unique
+    # parameter, embeddings included) or 'non_embedding' (P_total of the FLOP formula).
+    cfg.train.tokens_per_param_counts = "unique"
     # Schedule (spec §7.4): fractions < 1 are fractions of max_steps.
     cfg.train.lr = 8e-3
     cfg.train.min_lr = 0.0
@@ -76,7 +82,13 @@ def base(model_fields: dict[str, Any]) -> ml_collections.ConfigDict:
     cfg.train.muon_ortho_dtype = "bfloat16"
     cfg.train.grad_clip = 1.0
     cfg.train.skip_nonfinite_grads = True
-    cfg.train.skip_first_step = False  # the official trainer discards its first update; off by default
+    # The official update count (spec §7.5): the update of step 0 is discarded and the run stops after
+    # max_steps - 1 steps (so max_steps - 2 updates are applied); the schedules still span max_steps.
+    cfg.train.skip_first_step = True
+    cfg.train.stop_before_last_step = True
+    # 'micro_batch' (official: each device micro-batch's mean over its real tokens, averaged over
+    # micro-batches and devices) or 'global' (one mean over every real token of the step).
+    cfg.train.loss_normalization = "micro_batch"
     cfg.train.z_loss = 0.0
     cfg.train.loss_guardrail = "stop"  # stop | rollback | none
     cfg.train.guardrail_loss = 6.0

@@ -91,6 +91,19 @@ INJECTION_TYPES = ("diagonal", "linear", "add")
 STATE_INITS = ("normal", "embed", "like-init", "zero", "unit")
 NORM_CLASSES = ("RMSNorm", "LayerNorm")
 MLP_CLASSES = ("BaseMLP", "GatedMLP")
+# Official depth-sampling vocabulary (spec §5.2-5.4): a scheme names one of these (substring test, in
+# this order), optionally followed by `-curriculum-L` / `-curriculum-sqrt-L`.
+SAMPLING_SCHEMES = (
+    "poisson-unbounded",
+    "poisson-fill",
+    "poisson-truncated-full",
+    "poisson-full",
+    "poisson-bounded",
+    "fixed",
+)
+ITERATION_METHODS = ("per-batch", "per-sequence", "per-token")
+CURRICULUM_TARGETS = ("forward", "backward", "both")
+FUSED_HEADS = ("pytorch", "cce", "hhe", "full-triton")  # all compute the same mean cross-entropy
 VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the block input
 
 
@@ -164,24 +177,55 @@ class ModelConfig:
 
     # ---- validation -----------------------------------------------------------------------------
     def validate(self) -> None:
+        """Refuse what the port cannot do as the official code does (messages carry the values)."""
         def check(cond, msg):
             if not cond:
                 raise ValueError(f"invalid model config ({self.name or self.arch}): {msg}")
 
-        check(self.n_embd % self.num_attention_heads == 0, "n_embd must be divisible by num_attention_heads")
-        check(self.num_attention_heads % self.n_kv_heads == 0, "num_key_value_heads must divide heads")
-        check(self.norm_class_name in NORM_CLASSES, f"norm_class_name must be one of {NORM_CLASSES}")
-        check(self.mlp_class_name in MLP_CLASSES, f"mlp_class_name must be one of {MLP_CLASSES}")
-        check(self.block_class_name == "TransformerPreNormBlock", "only TransformerPreNormBlock exists")
-        check(self.mup_model_scaling_factor == 1, "mup_model_scaling_factor != 1 is not supported")
-        check(self.compute_dtype in ("float32", "bfloat16", "float16"), "compute_dtype: float32|bfloat16")
+        check(self.n_embd % self.num_attention_heads == 0,
+              f"n_embd {self.n_embd} is not divisible by num_attention_heads {self.num_attention_heads}")
+        check(self.num_attention_heads % self.n_kv_heads == 0,
+              f"num_key_value_heads {self.n_kv_heads} does not divide num_attention_heads "
+              f"{self.num_attention_heads}")
+        check(self.norm_class_name in NORM_CLASSES,
+              f"norm_class_name {self.norm_class_name!r} is not one of {NORM_CLASSES}")
+        check(self.mlp_class_name in MLP_CLASSES,
+              f"mlp_class_name {self.mlp_class_name!r} is not one of {MLP_CLASSES}")
+        check(self.block_class_name == "TransformerPreNormBlock",
+              f"block_class_name {self.block_class_name!r}: only TransformerPreNormBlock exists")
+        check(self.mup_model_scaling_factor == 1,
+              f"mup_model_scaling_factor {self.mup_model_scaling_factor} is not supported (only 1)")
+        check(not self.skip_initialization,
+              "skip_initialization=True leaves PyTorch's default initialisation, which is not reproduced; "
+              "set it to False")
+        check(self.use_fused_head in FUSED_HEADS,
+              f"use_fused_head {self.use_fused_head!r} is not one of {FUSED_HEADS}")
+        check(self.compute_dtype in ("float32", "bfloat16", "float16"),
+              f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16")
+        if self.randomize_positions_from is not None:
+            check(self.randomize_positions_from >= self.block_size,
+                  f"randomize_positions_from {self.randomize_positions_from} is smaller than block_size "
+                  f"{self.block_size}; it must be at least block_size")
         if self.arch == "parcae":
-            check(self.injection_type in INJECTION_TYPES, f"injection_type must be one of {INJECTION_TYPES}")
-            check(self.state_init in STATE_INITS, f"state_init must be one of {STATE_INITS}")
-            check(self.rec_head_size == self.head_size, "core head dim must equal the main head dim")
+            check(self.injection_type in INJECTION_TYPES,
+                  f"injection_type {self.injection_type!r} is not one of {INJECTION_TYPES}")
+            check(self.state_init in STATE_INITS,
+                  f"state_init {self.state_init!r} is not one of {STATE_INITS}")
+            check(self.rec_head_size == self.head_size,
+                  f"core head dim {self.rec_head_size} must equal the main head dim {self.head_size}")
             if self.injection_type == "add":
-                check(self.d_rec == self.n_embd, "injection_type='add' requires d_rec == n_embd")
-            check(self.mean_recurrence >= 1, "mean_recurrence must be >= 1")
+                check(self.d_rec == self.n_embd,
+                      f"injection_type='add' needs recurrent_embedding_dimension {self.d_rec} == n_embd "
+                      f"{self.n_embd}")
+            check(self.mean_recurrence >= 1, f"mean_recurrence {self.mean_recurrence} must be >= 1")
+            check(any(s in self.sampling_scheme for s in SAMPLING_SCHEMES),
+                  f"sampling_scheme {self.sampling_scheme!r} names none of {SAMPLING_SCHEMES} (the official "
+                  "code would silently fall back to poisson-unbounded)")
+            check(self.recurrent_iteration_method in ITERATION_METHODS,
+                  f"recurrent_iteration_method {self.recurrent_iteration_method!r} is not one of "
+                  f"{ITERATION_METHODS}")
+            check(self.curriculum_target in CURRICULUM_TARGETS,
+                  f"curriculum_target {self.curriculum_target!r} is not one of {CURRICULUM_TARGETS}")
 
     # ---- derived values (spec §3) -----------------------------------------------------------------
     @property

@@ -248,7 +248,8 @@ def training_budget(cfg_run: ml_collections.ConfigDict) -> Budget:
     """Tokens and optimiser steps of a run config; exactly one `train` stop criterion must be set.
 
     max_tokens: as given; max_flops: ⌊max_flops / FLOPs-per-token⌋ (official formula, f = r̄, b = k̄);
-    tokens_per_param: ratio × P_total (non-embedding parameters, value embeddings included);
+    tokens_per_param: ratio × every unique parameter (the official `token_to_param_ratio`), or
+    × P_total (non-embedding, value embeddings included) with train.tokens_per_param_counts='non_embedding';
     max_steps: steps × tokens per step. Steps = tokens // (world_batch_size × block_size), the
     official `(max_tokens // world_size) // (micro_batch · block_size · accumulation)` (nested floor
     divisions of positive integers equal one floor division).
@@ -275,7 +276,13 @@ def training_budget(cfg_run: ml_collections.ConfigDict) -> Budget:
         elif criterion == "max_flops":
             tokens = int(value) // fpt  # FLOP budgets are whole numbers (1e18 is exact in a float)
         else:
-            tokens = int(value * param_counts(cfg).total)
+            counts = param_counts(cfg)
+            base = train.get("tokens_per_param_counts", "unique")
+            if base not in ("unique", "non_embedding"):
+                raise ValueError(
+                    f"train.tokens_per_param_counts={base!r}: use 'unique' (official) or 'non_embedding'"
+                )
+            tokens = int(value * (counts.unique if base == "unique" else counts.total))
         steps = tokens // tokens_per_step
     if steps <= 0:
         raise ValueError(

@@ -68,7 +68,8 @@ class Norm(nnx.Module):
 
     def __init__(self, width, cfg: ModelConfig):
         pdt = jnp.dtype(cfg.param_dtype)
-        self.kind = cfg.norm_class_name
+        # Officially `simple_ops` forces RMSNorm whatever norm_class_name says.
+        self.kind = "RMSNorm" if cfg.simple_ops else cfg.norm_class_name
         self.eps = cfg.norm_eps
         self.scale = nnx.Param(jnp.ones((width,), pdt), logical_axes=("norm",))
         self.bias = (

@@ -45,6 +45,9 @@ def progress_line(row: dict[str, Any], max_steps: int) -> str:
     for key in sorted(k for k in row if k.startswith("val_loss")):
         parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"{row.get('tokens_per_s', 0):,.0f} tok/s")
+    if "target_tokens" in row:  # real (non-pad) label tokens of this step, and the padding share so far
+        pad = row.get("padding_fraction", 0.0) * 100
+        parts.append(f"real {row['target_tokens']:,.0f} tok (pad {pad:.1f}%)")
     mfu = row.get("mfu")
     parts.append(f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU n/a")
     parts.append(f"lr {row.get('lr', 0):.2e}")

@@ -14,17 +14,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from parcae_jax.config import ModelConfig
-
-ITERATION_METHODS = ("per-batch", "per-sequence", "per-token")
-SCHEMES = (
-    "poisson-unbounded",
-    "poisson-fill",
-    "poisson-truncated-full",
-    "poisson-full",
-    "poisson-bounded",
-    "fixed",
-)
+from parcae_jax.config import ITERATION_METHODS, ModelConfig
 
 
 def targets(cfg: ModelConfig, step) -> tuple[jax.Array, jax.Array]:
@@ -62,15 +52,22 @@ def max_grad_steps(cfg: ModelConfig) -> int:
     return 2 * s if per_batch else s  # fallback is `poisson-unbounded`
 
 
-def sample_depths(key: jax.Array, cfg: ModelConfig, step, batch_shape: tuple[int, ...]):
-    """Draw (n, k) int32 for one micro-batch; shape per `recurrent_iteration_method`."""
+def sample_depths(key: jax.Array, cfg: ModelConfig, step, batch_shape: tuple[int, ...], *, k_key=None):
+    """Draw (n, k) int32 for one micro-batch; shape per `recurrent_iteration_method`.
+
+    `step` is the curriculum counter (the official micro-batch counter, from 1): a scalar, or one value
+    per sequence ([B], broadcast over tokens). Per-batch draws take n from `key` and k from `k_key`
+    (the official code seeds them separately, which is what `lockstep_n` / `lockstep_k` share);
+    without `k_key` both come from `key`.
+    """
     method = cfg.recurrent_iteration_method
     if method not in ITERATION_METHODS:
         raise ValueError(f"recurrent_iteration_method {method!r}; expected one of {ITERATION_METHODS}")
     shape = {"per-batch": (), "per-sequence": batch_shape[:1], "per-token": batch_shape[:2]}[method]
     t, s = targets(cfg, step)
+    t, s = (x.reshape(x.shape + (1,) * (len(shape) - x.ndim)) for x in (t, s))  # [B] -> [B, 1] per token
     scheme = cfg.sampling_scheme
-    k_n, k_k = jax.random.split(key)
+    k_n, k_k = jax.random.split(key) if k_key is None else (key, k_key)
 
     def poisson(key, lam):
         return jax.random.poisson(key, lam, shape).astype(jnp.int32)
@@ -79,6 +76,7 @@ def sample_depths(key: jax.Array, cfg: ModelConfig, step, batch_shape: tuple[int
         return jax.random.randint(key, shape, 1, (2 * s).astype(jnp.int32) + 1)
 
     s_i = jnp.broadcast_to(s.astype(jnp.int32), shape)
+    t_i = jnp.broadcast_to(t.astype(jnp.int32), shape)
     zeros = jnp.zeros(shape, jnp.int32)
     if method == "per-batch":
         if "poisson-unbounded" in scheme:
@@ -95,7 +93,7 @@ def sample_depths(key: jax.Array, cfg: ModelConfig, step, batch_shape: tuple[int
             n = jnp.minimum(poisson(k_n, t), (2 * t - 1).astype(jnp.int32))
             k = uniform_1_2s(k_k)
         elif "fixed" in scheme:
-            n, k = jnp.broadcast_to(t.astype(jnp.int32), shape), s_i
+            n, k = t_i, s_i
         else:
             n, k = poisson(k_n, t), uniform_1_2s(k_k)
     else:
@@ -106,16 +104,8 @@ def sample_depths(key: jax.Array, cfg: ModelConfig, step, batch_shape: tuple[int
         elif "poisson-full" in scheme:
             n, k = zeros, jnp.maximum(poisson(k_n, t + s), 1)
         elif "fixed" in scheme:
-            n, k = jnp.broadcast_to(t.astype(jnp.int32), shape), s_i
+            n, k = t_i, s_i
         else:
             n, k = poisson(k_n, t), s_i
     k = jnp.minimum(k, max_grad_steps(cfg))
     return jnp.maximum(n, 0), k
-
-
-def depth_key(base_key: jax.Array, cfg: ModelConfig, step, process_index: int = 0) -> jax.Array:
-    """A pure function of (step, process) as in the official seeding; `lockstep_n` shares it across hosts."""
-    key = jax.random.fold_in(base_key, step)
-    if not cfg.lockstep_n:
-        key = jax.random.fold_in(key, process_index)
-    return key

@@ -4,9 +4,10 @@ The train state is a plain dict pytree `{"params": nnx.State, "opt_state": optax
 so Orbax, `jax.jit` shardings and donation all see ordinary arrays. Parameters are created directly
 in their shardings (`jax.jit(init, out_shardings=...)`), so a model never has to fit on one device.
 
-One optimiser step = `accum` micro-batches scanned with `lax.scan`; gradients are summed in fp32 and
-the loss is normalised by the step's total number of target tokens, so the result is the exact mean
-over the whole batch whatever the accumulation.
+One optimiser step = `accum` micro-batches scanned with `lax.scan`; gradients are summed in fp32. The
+loss is a weighted sum of token losses (`token_weights`): the official per-device micro-batch mean
+(`train.loss_normalization="micro_batch"`), or one mean over the step's real tokens ("global"), which
+is the same whatever the accumulation split. Without padding the two are equal.
 """
 
 from __future__ import annotations
@@ -101,27 +102,96 @@ def abstract_state(state):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+LOSS_NORMALIZATIONS = ("micro_batch", "global")
+
+
+def rank_rows(setup: TrainSetup) -> int:
+    """Rows of one data-parallel device in a micro-batch: the official per-rank micro-batch."""
+    return setup.global_micro_batch // (setup.mesh.shape["data"] * setup.mesh.shape["fsdp"])
+
+
+def token_weights(valid: jax.Array, rows_per_rank: int, normalization: str) -> jax.Array:
+    """Per-token loss weights [A, B, T] whose weighted sum is the step's objective.
+
+    'global': 1 / (real tokens of the step). 'micro_batch' (official, spec §7.5): every device
+    micro-batch's mean over its own real tokens, divided by the accumulation count and averaged over
+    devices, i.e. 1 / (tokens of that device micro-batch · A · ranks). A micro-batch with no real
+    token contributes nothing (officially its mean is NaN)."""
+    A, B, T = valid.shape
+    v = valid.astype(jnp.float32)
+    if normalization == "global":
+        return v / jnp.maximum(jnp.sum(v), 1.0)
+    if normalization != "micro_batch":
+        raise ValueError(f"train.loss_normalization={normalization!r}: use one of {LOSS_NORMALIZATIONS}")
+    ranks = B // rows_per_rank
+    per_rank = v.reshape(A, ranks, rows_per_rank * T)
+    counts = jnp.sum(per_rank, axis=-1, keepdims=True)
+    return (per_rank / (jnp.maximum(counts, 1.0) * A * ranks)).reshape(A, B, T)
+
+
+def draw_depths(cfg: ModelConfig, key: jax.Array, step, accum: int, micro: int, rows_per_rank: int, T: int):
+    """(n, k) int32 [A, micro] (per-token: [A, micro, T]) for one optimiser step (spec §5.3-5.5).
+
+    The curriculum counter of micro-batch a is the official micro-batch counter `step·A + a + 1`.
+    Per-sequence/per-token: each row draws from `fold_in(key, global row)`; with `lockstep_n` every
+    device draws the same values (row index within the device), as the official shared seed does.
+    Per-batch: one (n, k) per device micro-batch; `lockstep_n` / `lockstep_k` share n / k across
+    devices, else each device draws its own (as every official rank does)."""
+    key_n, key_k = jax.random.split(key)
+    micro_step = step * accum + jnp.arange(accum) + 1  # [A]
+    ranks = micro // rows_per_rank
+    rank_of_row = jnp.arange(micro) // rows_per_rank
+    if cfg.recurrent_iteration_method == "per-batch":
+        def one(a, r):
+            kn = jax.random.fold_in(jax.random.fold_in(key_n, a), 0 if cfg.lockstep_n else r)
+            kk = jax.random.fold_in(jax.random.fold_in(key_k, a), 0 if cfg.lockstep_k else r)
+            return sample_depths(kn, cfg, micro_step[a], (), k_key=kk)
+
+        n, k = jax.vmap(lambda a: jax.vmap(lambda r: one(a, r))(jnp.arange(ranks)))(jnp.arange(accum))
+        return n[:, rank_of_row], k[:, rank_of_row]  # [A, ranks] -> every row of its device
+    row = jnp.arange(micro) % rows_per_rank if cfg.lockstep_n else jnp.arange(micro)
+
+    def one_row(a, r):
+        kn = jax.random.fold_in(key_n, a * micro + r)
+        n, k = sample_depths(kn, cfg, micro_step[a][None], (1, T))
+        return n[0], k[0]
+
+    return jax.vmap(lambda a: jax.vmap(lambda r: one_row(a, r))(row))(jnp.arange(accum))
+
+
+def random_positions(cfg: ModelConfig, key: jax.Array, micro: int, rows_per_rank: int, T: int):
+    """Training positions [micro, T] under `randomize_positions_from = M` (spec §2.4.1): per device
+    micro-batch, one sorted random set of T distinct positions from [0, M), shared by its rows."""
+    ranks = micro // rows_per_rank
+    keys = jax.random.split(key, ranks)
+    pos = jax.vmap(lambda k: jnp.sort(jax.random.permutation(k, cfg.randomize_positions_from)[:T]))(keys)
+    return pos[jnp.arange(micro) // rows_per_rank]
+
+
 def make_train_step(setup: TrainSetup, train_cfg):
     """`train_step(state, batch, key) -> (state, metrics)`; batch = {"inputs", "labels"[, "mask"]}."""
     cfg, graphdef, tx = setup.model_cfg, setup.graphdef, setup.tx
     k_max = max_grad_steps(cfg) if cfg.arch == "parcae" else 0
     z_loss = float(train_cfg.z_loss)
-    accum = setup.accum
+    accum, per_rank = setup.accum, rank_rows(setup)
+    normalization = str(train_cfg.get("loss_normalization", "global"))
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"train.loss_normalization={normalization!r}: use one of {LOSS_NORMALIZATIONS}")
 
-    per_batch = cfg.arch == "parcae" and cfg.recurrent_iteration_method == "per-batch"
-
-    def micro_loss(params, mb, depths, h0, total_tokens):
+    def micro_loss(params, mb, weights, depths, h0, positions):
         model = nnx.merge(graphdef, params)
         if cfg.arch == "parcae":
             n, k = depths
-            logits, tel = model.forward_train(mb["inputs"], n, k, max_grad_steps=k_max, initial_state=h0)
+            logits, tel = model.forward_train(
+                mb["inputs"], n, k, max_grad_steps=k_max, initial_state=h0, positions=positions
+            )
         else:
-            logits, tel = model.forward_train(mb["inputs"])
-        _, aux = losses.cross_entropy(logits, mb["labels"], mask=mb.get("mask"), z_loss=z_loss)
-        objective = aux["nll_sum"] / total_tokens
+            logits, tel = model.forward_train(mb["inputs"], positions=positions)
+        nll, lse = losses.token_losses(logits, mb["labels"])
+        objective = jnp.sum(nll * weights)
         if z_loss:
-            objective = objective + aux["z_loss"] * aux["tokens"] / total_tokens
-        return objective, (aux["nll_sum"], tel)
+            objective = objective + z_loss * jnp.sum(jnp.square(lse) * weights)
+        return objective, (jnp.sum(nll * weights), tel)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -130,40 +200,40 @@ def make_train_step(setup: TrainSetup, train_cfg):
         valid = batch["labels"] != losses.IGNORE_INDEX
         if "mask" in batch:
             valid = valid & batch["mask"].astype(bool)
-        total_tokens = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+        total_tokens = jnp.sum(valid).astype(jnp.float32)
+        weights = token_weights(valid, per_rank, normalization)
         A, Bm, T = batch["inputs"].shape
         step_key = jax.random.fold_in(key, step)
-        depth_key, state_key = jax.random.split(step_key)
-        # Depths and h0 are functions of (step, global sequence index) only, so every mesh and
-        # accumulation split of the same global batch computes the same thing.
+        depth_key, state_key, pos_key = jax.random.split(step_key, 3)
+        # Depths and h0 are functions of (step, global sequence index) (per device where the official
+        # semantics are per rank), so every mesh and accumulation split of the same batch agrees.
         seq_index = jnp.arange(A * Bm).reshape(A, Bm)
-        if cfg.arch == "parcae" and not per_batch:
-            n_all, k_all = sample_depths(depth_key, cfg, step + 1, (A * Bm, T))
-            depths = (n_all.reshape(A, Bm, *n_all.shape[1:]), k_all.reshape(A, Bm, *k_all.shape[1:]))
+        if cfg.arch == "parcae":
+            depths = draw_depths(cfg, depth_key, step, A, Bm, per_rank, T)
         else:
-            depths = (jnp.zeros((A,), jnp.int32), jnp.zeros((A,), jnp.int32))  # drawn per micro-batch
+            depths = (jnp.zeros((A,), jnp.int32), jnp.zeros((A,), jnp.int32))
 
         def body(carry, xs):
             grads, nll = carry
-            mb, (n, k), seqs, idx = xs
-            h0 = None
+            mb, w, (n, k), seqs, idx = xs
+            h0 = positions = None
             if cfg.arch == "parcae":
-                if per_batch:  # one pair per micro-batch, as the official per-batch sampler
-                    n, k = sample_depths(jax.random.fold_in(depth_key, idx), cfg, step * accum + idx + 1, ())
                 h0 = jax.vmap(lambda i: init_state(jax.random.fold_in(state_key, i), cfg, (T, cfg.d_rec)))
                 h0 = h0(seqs)
-            (_, (nll_mb, tel)), g = grad_fn(params, mb, (n, k), h0, total_tokens)
+            if cfg.randomize_positions_from is not None:
+                positions = random_positions(cfg, jax.random.fold_in(pos_key, idx), Bm, per_rank, T)
+            (_, (nll_mb, tel)), g = grad_fn(params, mb, w, (n, k), h0, positions)
             grads = jax.tree.map(jnp.add, grads, g)
             return (grads, nll + nll_mb), tel
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        xs = (batch, depths, seq_index, jnp.arange(accum))
-        (grads, nll), tels = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), xs)
+        xs = (batch, weights, depths, seq_index, jnp.arange(accum))
+        (grads, loss), tels = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), xs)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = {
-            "loss": nll / total_tokens,
+            "loss": loss,
             "grad_norm": grad_norm,
             "target_tokens": total_tokens,
             **optimizer_metrics(opt_state),

@@ -91,6 +91,7 @@ class Evaluator:
         self.block_size = int(run_cfg.model.block_size)
         self.batch_size = setup.global_micro_batch
         self.max_batches = int(run_cfg.train.eval_iters)
+        self.packing, self.pack_rows = run_cfg.data.packing, train_step.rank_rows(setup)
         self.dataset_dir = data.dataset_dir
         self.has_val = "val" in data.metadata["splits"] and data.metadata["splits"]["val"]["tokens"] > 0
         self.sharding = NamedSharding(setup.mesh, PartitionSpec(("data", "fsdp"), None))
@@ -106,6 +107,8 @@ class Evaluator:
             block_size=self.block_size,
             batch_size=self.batch_size,
             max_batches=self.max_batches,
+            packing=self.packing,
+            pack_rows=self.pack_rows,
         )
         for local in batches:
             batch = pipeline.global_batch(local, self.sharding, batch_axis=0)
@@ -144,6 +147,13 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     budget = flops.training_budget(run_cfg)
     max_steps = budget.steps
+    # The official trainer stops once τ_opt >= max_steps - 1 (spec §7.5); the schedules span max_steps.
+    last_step = max_steps - 1 if train_cfg.stop_before_last_step else max_steps
+    if last_step < 1:
+        raise ValueError(
+            f"the budget gives max_steps={max_steps}, and the official rule (train.stop_before_last_step) "
+            "runs max_steps - 1 of them: raise the budget or set --config.train.stop_before_last_step=False"
+        )
     data = resolve_data(run_cfg)
 
     mesh = sharding.make_mesh(run_cfg.mesh.data, run_cfg.mesh.fsdp, run_cfg.mesh.tensor)
@@ -151,8 +161,9 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
     cfg = setup.model_cfg
     log.info("mesh %s, %d process(es); accumulation %d x global micro-batch %d",
              dict(mesh.shape), jax.process_count(), setup.accum, setup.global_micro_batch)
-    log.info("stop: %s -> %d steps, %.3g tokens, %.3g FLOPs (%d FLOPs/token, official formula)",
-             budget.criterion, max_steps, budget.tokens, budget.total_flops, budget.flops_per_token)
+    log.info("stop: %s -> max_steps %d (running %d), %.3g tokens, %.3g FLOPs (%d FLOPs/token, official "
+             "formula)", budget.criterion, max_steps, last_step, budget.tokens, budget.total_flops,
+             budget.flops_per_token)
 
     checkpointer = checkpointing.Checkpointer(
         workdir, keep_last=int(train_cfg.keep_last), keep_period=train_cfg.keep_period
@@ -167,7 +178,7 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
     compiled, memory = train_step.compile_train_step(step_fn, state, setup, cfg.block_size)
     log.info("train step compiled in %.1f s; memory: %s", time.perf_counter() - t0, _memory_summary(memory))
 
-    counters = {"tokens": 0, "flops": 0, "rollbacks": 0}
+    counters = {"tokens": 0, "real_tokens": 0, "flops": 0, "rollbacks": 0}
     data_state = None
     if start is not None:
         state, data_state, meta = checkpointer.restore(start, train_step.abstract_state(state), cfg)
@@ -188,6 +199,7 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
         packing=run_cfg.data.packing,
         num_workers=int(run_cfg.data.num_workers),
         prefetch=int(run_cfg.data.prefetch),
+        pack_rows=train_step.rank_rows(setup),
     )
     if data_state:
         batches.set_state(data_state)
@@ -212,7 +224,8 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
     kill_at = int(os.environ.get("PARCAE_JAX_SIGKILL_AFTER_STEP", "0"))
     run_t0 = time.perf_counter()
     last_row: dict[str, Any] = {}
-    end = max_steps if stop_after_steps is None else min(max_steps, stop_after_steps)
+    end = last_step if stop_after_steps is None else min(last_step, stop_after_steps)
+    pending_real = []  # per-step real-token counts (device scalars), summed when a row is logged
 
     def save(step):
         checkpointer.save(step, state, batches.get_state(), _run_meta(run_cfg, setup, step, counters))
@@ -224,6 +237,7 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
             batch = pipeline.global_batch(local, setup.batch_sharding)
             state, metrics = compiled(state, batch, key)
             step += 1
+            pending_real.append(metrics["target_tokens"])
             counters["tokens"] += tokens_per_step
             counters["flops"] += tokens_per_step * flops.training_flops_per_token(cfg, step)
             throughput.add(tokens_per_step)
@@ -231,12 +245,15 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
             do_eval = step % int(train_cfg.eval_every) == 0 or is_last
             if step % int(train_cfg.log_every) == 0 or do_eval or is_last:
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                counters["real_tokens"] += sum(int(x) for x in jax.device_get(pending_real))
+                pending_real.clear()
                 tokens_per_s, mfu, _ = throughput.rates()
                 throughput.reset()
                 elapsed = time.perf_counter() - run_t0
                 row.update(
                     step=step,
                     tokens=counters["tokens"],
+                    real_tokens=counters["real_tokens"],
                     flops=counters["flops"],
                     tokens_per_s=tokens_per_s,
                     mfu=mfu,
@@ -248,7 +265,7 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
                     row.update(evaluator(state["params"]))
                 writer.write(row)
                 if jax.process_index() == 0:
-                    log.info(progress_line(row, max_steps))
+                    log.info(progress_line(row, last_step))
                 last_row = row
                 if verdict == "stop":
                     raise TrainingStopped(

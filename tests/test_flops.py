@@ -159,8 +159,12 @@ def test_budget_from_flops_params_and_steps():
     assert b.steps == (10**18 // fpt) // 524_288 == 1402
     assert b.trained_tokens == b.steps * 524_288 and b.total_flops == b.trained_tokens * fpt <= 10**18
 
+    # The official token_to_param_ratio multiplies every unique parameter (spec §3.5: 144,323,136).
     b = flops.training_budget(load_config(small, ["train.max_tokens=None", "train.tokens_per_param=20"]))
-    assert b.tokens == 20 * 119_157_312 and b.steps == 20 * 119_157_312 // 524_288
+    assert b.tokens == 20 * 144_323_136 and b.steps == 20 * 144_323_136 // 524_288
+    b = flops.training_budget(load_config(small, ["train.max_tokens=None", "train.tokens_per_param=20",
+                                                  "train.tokens_per_param_counts=non_embedding"]))
+    assert b.tokens == 20 * 119_157_312
 
     b = flops.training_budget(load_config(small, ["train.max_tokens=None", "train.max_steps=7"]))
     assert (b.steps, b.tokens) == (7, 7 * 524_288)

@@ -12,9 +12,12 @@ Rows (`block_size + 1 = T + 1` tokens; inputs = row[:-1], labels = row[1:]):
   the next). Rows never cross shards (each shard's tail is dropped), and nothing is padding. A row is
   one contiguous token read plus BOS insertion.
 * `packing="best-fit"`: the official packer (PARCAE_SPEC §7.10): documents in a seeded order, no
-  separators, grouped `G = world_batch // accum` at a time; each group is packed into G rows by
-  "longest document that fits, else the shortest one truncated, else padding". Padding positions
-  get label `IGNORE_INDEX`.
+  separators, grouped `pack_rows` at a time (the per-device micro-batch: the official collator gets
+  one rank's micro-batch of documents per call); each group is packed into `pack_rows` rows by
+  "longest document that fits, else the shortest one truncated, else padding". Padding is the
+  official pad id (the tokenizer's declared PAD, else 0), and every label equal to it gets
+  `IGNORE_INDEX` (the official `ignore_index`). Group g of an epoch holds the shuffled documents
+  g·pack_rows ... ; micro-batch a of step s is groups (s·accum + a)·R ... + R - 1 for its R devices.
 
 Batch layout. Global step s has a global list g of `world_batch` rows; reshaped to
 `[accum, process_count, world_batch // accum // process_count]`, process p takes `[:, p, :]`. The
@@ -165,6 +168,19 @@ class BestFitDocs:
         assert not unplaced, "best-fit group left documents behind"
         return [[(int(doc_ids[d]), take) for d, take in row] for row in rows]
 
+    def group_rows(self, group: int, num_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [num_rows, capacity] and real-token counts of packing group `group` of the epoch whose
+        document order is seeded by `seed` (seed None: the stored order, as for validation)."""
+        n = self.num_docs
+        positions = np.arange(group * num_rows, min((group + 1) * num_rows, n))
+        doc_ids = positions if seed is None else shuffled(positions, n, seed)
+        packed = self.pack_group(doc_ids, num_rows)
+        rows = np.empty((num_rows, self.capacity), np.int32)
+        lengths = np.empty(num_rows, np.int64)
+        for b, segments in enumerate(packed):
+            rows[b], lengths[b] = self.read_row(segments)
+        return rows, lengths
+
     def read_row(self, segments: list) -> tuple[np.ndarray, int]:
         """(int32 [capacity] tokens padded with pad_id, number of real tokens)."""
         out = np.full(self.capacity, self.pad_id, dtype=np.int32)
@@ -176,13 +192,24 @@ class BestFitDocs:
         return out, n
 
 
-def rows_to_batch(rows: np.ndarray, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """int32 rows [..., T+1] (and real-token counts [...]) -> {"inputs", "labels"} [..., T]."""
+def rows_to_batch(
+    rows: np.ndarray, lengths: np.ndarray | None = None, ignore_id: int | None = None
+) -> dict[str, np.ndarray]:
+    """int32 rows [..., T+1] (and real-token counts [...]) -> {"inputs", "labels"} [..., T]; labels
+    equal to `ignore_id` (the official ignore index) are ignored too."""
     inputs, labels = rows[..., :-1].astype(np.int32), rows[..., 1:].astype(np.int32)
     if lengths is not None:  # label t is row[t+1]: padding from t = length-1 on
         t = np.arange(labels.shape[-1])
         labels = np.where(t + 1 < np.asarray(lengths)[..., None], labels, IGNORE_INDEX).astype(np.int32)
+    if ignore_id is not None:
+        labels = np.where(labels == ignore_id, IGNORE_INDEX, labels).astype(np.int32)
     return {"inputs": inputs, "labels": labels}
+
+
+def official_pad_id(tokenizer_meta: dict) -> int:
+    """The official packing pad / ignore id: the tokenizer's declared PAD, else 0 (spec §7.6)."""
+    declared = tokenizer_meta.get("declared_pad_id", tokenizer_meta.get("pad_id"))
+    return int(declared or 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,6 +232,7 @@ class TrainBatches:
         packing: str,
         process_index: int,
         process_count: int,
+        pack_rows: int | None = None,
     ):
         if packing not in PACKINGS:
             raise ValueError(f"packing={packing!r}: use one of {PACKINGS}")
@@ -220,6 +248,12 @@ class TrainBatches:
         self.process_index, self.process_count = process_index, process_count
         self.global_micro = world_batch // accum  # rows per micro-batch over all processes
         self.local_micro = self.global_micro // process_count
+        self.pack_rows = int(pack_rows or self.local_micro)  # best-fit group: one device micro-batch
+        if self.local_micro % self.pack_rows:
+            raise ValueError(
+                f"pack_rows={self.pack_rows} does not divide the {self.local_micro} rows per process and "
+                "micro-batch; change train.micro_batch_size"
+            )
         tok = meta.get("tokenizer", {})
         if packing == "bos":
             if tok.get("bos_id") is None:
@@ -228,10 +262,11 @@ class TrainBatches:
             units, self.steps_per_epoch = self.rows.num_rows, self.rows.num_rows // world_batch
             what = f"{units} rows of block_size+1={block_size + 1} tokens"
         else:
-            self.docs = BestFitDocs(readers, block_size, tok.get("pad_id") or 0, where)
+            self.docs = BestFitDocs(readers, block_size, official_pad_id(tok), where)
             units = self.docs.num_docs
-            self.steps_per_epoch = math.ceil(units / self.global_micro) // accum
-            what = f"{units} documents (best-fit packs {self.global_micro} per micro-batch)"
+            groups_per_step = world_batch // self.pack_rows
+            self.steps_per_epoch = math.ceil(units / self.pack_rows) // groups_per_step
+            what = f"{units} documents (best-fit packs {self.pack_rows} per device micro-batch)"
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{where}: {what}, not enough for one global batch of {world_batch} rows; "
@@ -242,7 +277,8 @@ class TrainBatches:
 
     def signature(self) -> dict[str, Any]:
         """What a saved state is only valid for (not process or worker counts: batches are global)."""
-        keys = ("split", "block_size", "world_batch", "accum", "seed", "packing", "units_per_epoch")
+        keys = ("split", "block_size", "world_batch", "accum", "seed", "packing", "units_per_epoch",
+                "pack_rows")
         return {k: getattr(self, k) for k in keys}
 
     def local_positions(self, step_in_epoch: int) -> np.ndarray:
@@ -258,17 +294,16 @@ class TrainBatches:
             ids = shuffled(pos.ravel(), self.rows.num_rows, seed)
             rows = np.stack([self.rows.row(int(r)) for r in ids]).reshape(*pos.shape, -1)
             return rows_to_batch(rows)
-        rows = np.empty((self.accum, self.local_micro, self.block_size + 1), np.int32)
-        lengths = np.empty((self.accum, self.local_micro), np.int64)
-        G, n = self.global_micro, self.docs.num_docs
+        G = self.pack_rows
+        rows = np.empty((self.accum, self.local_micro // G, G, self.block_size + 1), np.int32)
+        lengths = np.empty((self.accum, self.local_micro // G, G), np.int64)
+        ranks, local_ranks = self.global_micro // G, self.local_micro // G
         for a in range(self.accum):
-            group = k * self.accum + a  # micro-batch a of this step is one packing group
-            doc_ids = shuffled(np.arange(group * G, min((group + 1) * G, n)), n, seed)
-            packed = self.docs.pack_group(doc_ids, G)
-            own = packed[self.process_index * self.local_micro : (self.process_index + 1) * self.local_micro]
-            for b, segments in enumerate(own):
-                rows[a, b], lengths[a, b] = self.docs.read_row(segments)
-        return rows_to_batch(rows, lengths)
+            for j in range(local_ranks):
+                group = (k * self.accum + a) * ranks + self.process_index * local_ranks + j
+                rows[a, j], lengths[a, j] = self.docs.group_rows(group, G, seed)
+        shape = (self.accum, self.local_micro)
+        return rows_to_batch(rows.reshape(*shape, -1), lengths.reshape(shape), self.docs.pad_id)
 
 
 class BatchIterator:
@@ -372,6 +407,7 @@ def train_iterator(
     process_count: int | None = None,
     num_workers: int = 0,
     prefetch: int = 2,
+    pack_rows: int | None = None,
 ) -> BatchIterator:
     """This process's endless training batches (see the module docstring for rows, layout, epochs).
     `process_index` / `process_count` default to JAX's; `num_workers > 0` reads in worker processes."""
@@ -386,6 +422,7 @@ def train_iterator(
         packing=packing,
         process_index=p,
         process_count=n,
+        pack_rows=pack_rows,
     )
     return BatchIterator(batches, num_workers=num_workers, prefetch=prefetch)
 
@@ -404,23 +441,47 @@ def eval_batches(
     max_batches: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    packing: str = "bos",
+    pack_rows: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every `bos` row of the split once, in order: {"inputs","labels"} int32 [batch_size // P, T].
+    """The split's rows in stored order, from the start: {"inputs","labels"} int32 [batch_size // P, T].
 
-    `batch_size` is global; global batch b holds rows b*batch_size ..., and process p takes its p-th
-    contiguous block. The last batch is completed with rows whose labels are all IGNORE_INDEX (inputs
-    pad_id), so every batch has the same shape. Stops after `max_batches` when given.
+    `packing` is the training collator's: 'bos' rows, or best-fit groups of `pack_rows` documents (the
+    official validation reuses the training collator). `batch_size` is global; global batch b holds
+    rows b*batch_size ..., and process p takes its p-th contiguous block. The last batch is completed
+    with rows whose labels are all IGNORE_INDEX, so every batch has the same shape. Stops after
+    `max_batches` when given.
     """
     p, n = _resolve_processes(process_index, process_count)
     if batch_size < 1 or batch_size % n:
         raise ValueError(f"eval batch_size={batch_size} is not divisible by process_count={n}; change it")
+    if packing not in PACKINGS:
+        raise ValueError(f"packing={packing!r}: use one of {PACKINGS}")
     meta, readers = _open(dataset_dir, split)
     tok = meta.get("tokenizer", {})
     where = shards.join(dataset_dir, split)
+    local = batch_size // n
+    if packing == "best-fit":
+        G = int(pack_rows or local)
+        if local % G:
+            raise ValueError(f"pack_rows={G} does not divide the {local} eval rows per process; change it")
+        docs = BestFitDocs(readers, block_size, official_pad_id(tok), where)
+        num_batches = math.ceil(math.ceil(docs.num_docs / G) / (batch_size // G))
+        if max_batches is not None:
+            num_batches = min(num_batches, int(max_batches))
+
+        def packed() -> Iterator[dict[str, np.ndarray]]:
+            for b in range(num_batches):
+                first = (b * batch_size + p * local) // G
+                parts = [docs.group_rows(first + j, G, None) for j in range(local // G)]
+                rows = np.concatenate([r for r, _ in parts])
+                lengths = np.concatenate([n_real for _, n_real in parts])
+                yield rows_to_batch(rows, lengths, docs.pad_id)
+
+        return packed()
     if tok.get("bos_id") is None:
         raise ValueError(f"{where}: the tokenizer has no BOS id, which evaluation rows start documents with")
     rows = BosRows(readers, block_size, tok["bos_id"], where)
-    local = batch_size // n
     num_batches = math.ceil(rows.num_rows / batch_size)
     if max_batches is not None:
         num_batches = min(num_batches, int(max_batches))

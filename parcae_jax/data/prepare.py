@@ -292,6 +292,7 @@ def prepare(source: str, tokenizer_path: str, output: str, val_fraction: float =
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "kind": tokenizer.kind,
                       "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
                       "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+                      "declared_pad_id": tokenizer.declared_pad_id,
                       "path": os.path.abspath(os.path.expanduser(tokenizer_path))},
         "dtype": token_dtype.name,
         "splits": {split: {"shards": s.next_index, "tokens": s.tokens, "documents": s.documents}

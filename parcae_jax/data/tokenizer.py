@@ -71,7 +71,9 @@ class Tokenizer(abc.ABC):
     """Text <-> token ids. `encode` never adds BOS/EOS (the input pipeline adds BOS at document starts).
 
     Attributes: `bos_id`, `eos_id`, `pad_id`, `vocab_size` (ints), `fingerprint` (short hex of the
-    model file's sha256), `path` (the model file).
+    model file's sha256), `path` (the model file). `declared_bos_id` / `declared_pad_id` are the ids
+    the tokenizer itself declares (None when it declares none): what the official code reads, which
+    then falls back to BOS 1 in CORE and PAD (ignore index) 0 in training.
     """
 
     kind: str
@@ -81,6 +83,14 @@ class Tokenizer(abc.ABC):
     pad_id: int
     vocab_size: int
     fingerprint: str
+
+    @property
+    def declared_bos_id(self) -> int | None:
+        return self.bos_id
+
+    @property
+    def declared_pad_id(self) -> int | None:
+        return self.pad_id
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -193,7 +203,9 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` tokenizer.json (e.g. the official Parcae byte-level BPE, GPT-2, Llama).
 
     BOS/EOS/PAD come from the arguments, else from a `tokenizer_config.json` next to the file, else from
-    well-known special-token names; PAD falls back to EOS.
+    well-known special-token names; PAD falls back to EOS. Only the first two count as declared
+    (`declared_bos_id`, `declared_pad_id`): a bare official tokenizer.json declares none, and the
+    official code then uses its fallbacks.
     """
 
     kind = "huggingface"
@@ -215,12 +227,25 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self.fingerprint = file_fingerprint(self.path)
         named = self._configured_special_tokens()
+        self._declared = {
+            what: given if given is not None
+            else (self._tok.token_to_id(named[key]) if key in named else None)
+            for what, given, key in (("bos", bos_id, "bos_token"), ("pad", pad_id, "pad_token"))
+        }
         self.bos_id = self._find_id("BOS", bos_id, named.get("bos_token"), _BOS_NAMES)
         self.eos_id = self._find_id("EOS", eos_id, named.get("eos_token"), _EOS_NAMES)
         try:
             self.pad_id = self._find_id("PAD", pad_id, named.get("pad_token"), _PAD_NAMES)
         except TokenizerError:
             self.pad_id = self.eos_id  # padding is masked out of the loss, any id will do
+
+    @property
+    def declared_bos_id(self) -> int | None:
+        return self._declared["bos"]
+
+    @property
+    def declared_pad_id(self) -> int | None:
+        return self._declared["pad"]
 
     def __getstate__(self):
         return {"path": self.path, "overrides": self._overrides}
