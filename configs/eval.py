@@ -21,7 +21,7 @@ def get_config(arg=None):
     # pretrained folder or an official PyTorch folder.
     c.checkpoint = ""
     c.step = ml_collections.FieldReference(None, field_type=int)
-    c.compute_dtype = ""  # e.g. "bfloat16"; empty keeps the checkpoint's
+    c.compute_dtype = ""  # e.g. "bfloat16"; empty keeps the checkpoint's (float32 for an official folder)
     c.tokenizer = ""  # default: the run's tokenizer, or one shipped in the model folder
     c.output = ""  # results JSON; empty: print only
     c.plot = ""  # depth-sweep PNG; default next to `output` (or ./depth_sweep.png)
@@ -45,6 +45,10 @@ def get_config(arg=None):
     c.download_bundle = False
     c.max_per_task = -1  # -1: every example
     c.fewshot_seeds = "1234"  # official multi-seed runs: "1234,2345,3456"
+    # BOS of CORE prompts; -1: the official rule for an official folder (the id the tokenizer declares
+    # in tokenizer_config.json, else 1), the tokenizer's BOS for a parcae-jax checkpoint.
+    c.bos_id = -1
+    c.log_samples = False  # core/core_extended: one JSON line per example in <output stem>.samples.jsonl
     # sample
     c.prompts = "To be, or not to be|ROMEO:"  # '|'-separated
     c.max_new_tokens = 48

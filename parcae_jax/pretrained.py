@@ -33,6 +33,8 @@ OFFICIAL_WEIGHT_FILES = ("model.pt", "pytorch_model.bin", "model.safetensors", "
 def _official_config(d: dict) -> ModelConfig:
     d = dict(d)
     d.pop("init", None)  # written by the official evaluation wrapper, not a config field
+    # An official folder computes in float32 unless asked otherwise, exactly as its converted copy.
+    d.setdefault("compute_dtype", "float32")
     if "_class_name" not in d:
         # The official loader would default to GPTConfig here (spec §12.14); infer from the fields.
         d["_class_name"] = "ParcaeConfig" if "injection_type" in d else "GPTConfig"

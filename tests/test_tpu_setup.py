@@ -437,14 +437,21 @@ def test_worker_status_reports_preemption(env, worker):
 
 
 def test_worker_install_from_tarball(env, tmp_path):
-    """The tarball of this checkout unpacks on a worker and the install script runs through (fake uv)."""
+    """The tarball of this checkout unpacks on a worker and the install script runs through (fake uv).
+
+    The fake venv's python execs this interpreter by its own path (a symlink moved elsewhere would lose
+    this venv's site-packages, so the test would pass only where jax is also installed globally)."""
     home = tmp_path / "whome"
     home.mkdir()
     bin_dir = tmp_path / "wbin"
     bin_dir.mkdir()
     write_exe(bin_dir / "uv", f"""#!/usr/bin/env bash
 echo "uv $*" >> {tmp_path}/uv_calls
-if [ "$1" = venv ]; then mkdir -p "${{@: -1}}/bin" && ln -s {sys.executable} "${{@: -1}}/bin/python"; fi
+if [ "$1" = venv ]; then
+  mkdir -p "${{@: -1}}/bin"
+  printf '#!/bin/sh\nexec %s "$@"\n' {sys.executable} > "${{@: -1}}/bin/python"
+  chmod +x "${{@: -1}}/bin/python"
+fi
 """)
     tarball = tmp_path / "src.tar.gz"
     out = dry("install.sh", "--zone", "z", "--tarball", str(tarball), env=env)

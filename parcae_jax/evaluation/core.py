@@ -12,7 +12,8 @@ Per task: the jsonl is shuffled with `Random(1337)` and cut to `max_per_task`; e
   the continuation (whitespace-stripped) and with it; correct iff greedy argmax reproduces every
   continuation token.
 
-Every prompt starts with BOS (tokenizer `bos_id`, else 1); a prompt longer than `max_seq_len` keeps
+Every prompt starts with BOS (`bos_id`: for an official folder the id the tokenizer declares, else 1,
+as the official harness; see `runner.core_bos_id`); a prompt longer than `max_seq_len` keeps
 its last `max_seq_len` tokens (the span shifts with it). Accuracy is centred on the bundle's random
 baseline b (percent): `(acc - b/100) / (1 - b/100)`; CORE = mean centred accuracy over the tasks.
 
@@ -143,18 +144,25 @@ def build_example(item: dict, spec: TaskSpec, fewshot: Sequence[dict], encode, b
     return Example(tokens, starts, ends, gold, mismatch, truncated)
 
 
-def is_correct(example: Example, scores: Sequence[tuple[np.ndarray, np.ndarray]]) -> bool:
-    """scores[i] = (ce, pred) of next_token_rows(example.tokens)[i]: position t predicts token t+1, so
+def judge(example: Example, scores: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """{"correct", and "choice_losses" (mean CE per choice) or "n_match"/"n_tokens" (LM)}.
+
+    scores[i] = (ce, pred) of next_token_rows(example.tokens)[i]: position t predicts token t+1, so
     span tokens [s, e) are scored at positions [s-1, e-1)."""
     if example.gold is None:
         (_, pred), s, e, seq = scores[0], example.starts[0], example.ends[0], example.tokens[0]
-        return bool(np.array_equal(pred[s - 1:e - 1], np.asarray(seq[s:e])))
+        match = pred[s - 1:e - 1] == np.asarray(seq[s:e])
+        return {"correct": bool(match.all()), "n_match": int(match.sum()), "n_tokens": int(e - s)}
     means = []
     for (ce, _), s, e in zip(scores, example.starts, example.ends, strict=True):
         span = ce[s - 1:e - 1].astype(np.float64)
         means.append(float(span.mean()) if span.size else math.nan)
     # min() over Python floats, as the official code: an empty (NaN) span never wins unless first.
-    return means.index(min(means)) == example.gold
+    return {"correct": means.index(min(means)) == example.gold, "choice_losses": means, "gold": example.gold}
+
+
+def is_correct(example: Example, scores: Sequence[tuple[np.ndarray, np.ndarray]]) -> bool:
+    return judge(example, scores)["correct"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,12 +170,17 @@ def is_correct(example: Example, scores: Sequence[tuple[np.ndarray, np.ndarray]]
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_task_data(path) -> list[dict]:
+def load_task_lines(path) -> list[tuple[int, dict]]:
+    """(0-based line in the file, example) for every non-blank line."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [(i, json.loads(line)) for i, line in enumerate(f) if line.strip()]
 
 
-def shuffled(data: list[dict]) -> list[dict]:
+def load_task_data(path) -> list[dict]:
+    return [item for _, item in load_task_lines(path)]
+
+
+def shuffled(data: list) -> list:
     """The task in the official evaluation order (a `Random(1337)` shuffle)."""
     data = list(data)
     random.Random(SHUFFLE_SEED).shuffle(data)
@@ -185,13 +198,15 @@ class PreparedTask:
 
 
 def prepare_task(spec: TaskSpec, full_data: list[dict], cut_data: list[dict], tokenizer, *,
-                 fewshot_seed: int, max_seq_len: int) -> PreparedTask:
-    """Render and tokenise every example of the cut task (few-shot drawn by `Random(seed + idx)`)."""
+                 fewshot_seed: int, max_seq_len: int, bos_id: int | None = None) -> PreparedTask:
+    """Render and tokenise every example of the cut task (few-shot drawn by `Random(seed + idx)`).
+    BOS is `bos_id`, else the tokenizer's, else 1."""
     k = spec.num_fewshot
     pool, pool_name = (cut_data, "task") if len(cut_data) > k else (full_data, "full")
     if len(pool) <= k and k > 0:
         raise ValueError(f"task {spec.label} has {len(full_data)} examples, too few for {k}-shot prompts")
-    bos = tokenizer.bos_id if getattr(tokenizer, "bos_id", None) is not None else FALLBACK_BOS_ID
+    bos = bos_id if bos_id is not None else getattr(tokenizer, "bos_id", None)
+    bos = FALLBACK_BOS_ID if bos is None else bos
     examples = []
     for idx, item in enumerate(cut_data):
         fewshot = []
@@ -207,14 +222,19 @@ def task_key(key: jax.Array, label: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(label.encode()) & 0x7FFFFFFF)
 
 
-def score_task(prepared: PreparedTask, scorer: TokenScorer, *, depth: int, key: jax.Array) -> list[bool]:
-    """Correctness of each example (all sequences of the task scored in shared batches)."""
+def score_task(prepared: PreparedTask, scorer: TokenScorer, *, depth: int, key: jax.Array) -> list[dict]:
+    """`judge` of each example (all sequences of the task scored in shared batches)."""
     scores = scorer.score(prepared.rows(), depth=depth, key=task_key(key, prepared.spec.label))
     out, i = [], 0
     for ex in prepared.examples:
-        out.append(is_correct(ex, scores[i:i + len(ex.tokens)]))
+        out.append(judge(ex, scores[i:i + len(ex.tokens)]))
         i += len(ex.tokens)
     return out
+
+
+def accuracy(judged: Sequence[dict]) -> float:
+    """The fraction correct as a float32 mean, as the official harness computes it."""
+    return float(np.mean(np.asarray([j["correct"] for j in judged], np.float32), dtype=np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,8 +256,13 @@ def mean_and_pstd(values: Sequence[float]) -> tuple[float, float]:
 
 def run_suite(suite: str, scorer: TokenScorer, tokenizer, bundle: Bundle, *, depths: Sequence[int],
               keys: Sequence[jax.Array], fewshot_seeds: Sequence[int] = (DEFAULT_FEWSHOT_SEED,),
-              max_per_task: int = -1, max_seq_len: int, log=print) -> dict:
+              max_per_task: int = -1, max_seq_len: int, bos_id: int | None = None,
+              on_sample: Callable[[dict], None] | None = None, log=print) -> dict:
     """Evaluate `core` or `core_extended` at every depth, for every (few-shot seed, state key) run.
+
+    `on_sample` receives one record per scored example (task, source_line, depth, fewshot_seed,
+    state_seed, correct and the per-choice mean losses or the LM match count), as lm-eval's
+    `--log_samples`.
 
     Returns {"suite", "tasks": {label: settings and data facts}, "missing": [labels], "skipped":
     {label: why (too few examples for the shots)},
@@ -255,7 +280,8 @@ def run_suite(suite: str, scorer: TokenScorer, tokenizer, bundle: Bundle, *, dep
             continue
         used_files.append(path)
         t0 = time.perf_counter()
-        full = shuffled(load_task_data(path))
+        lines = shuffled(load_task_lines(path))
+        full, source_lines = [item for _, item in lines], [line for line, _ in lines]
         cut = full[:max_per_task] if max_per_task > 0 else full
         if spec.num_fewshot >= len(full):  # the official code crashes here; report and go on
             skipped[spec.label] = f"{len(full)} examples, too few for {spec.num_fewshot}-shot prompts"
@@ -265,13 +291,18 @@ def run_suite(suite: str, scorer: TokenScorer, tokenizer, bundle: Bundle, *, dep
         runs: dict[int, list[float]] = {d: [] for d in depths}
         pools, mismatches, truncated = set(), 0, 0
         for seed in fewshot_seeds:
-            prepared = prepare_task(spec, full, cut, tokenizer, fewshot_seed=seed, max_seq_len=max_seq_len)
+            prepared = prepare_task(spec, full, cut, tokenizer, fewshot_seed=seed, max_seq_len=max_seq_len,
+                                    bos_id=bos_id)
             pools.add(prepared.fewshot_pool)
             mismatches = max(mismatches, sum(ex.prefix_mismatch for ex in prepared.examples))
             truncated = max(truncated, sum(ex.truncated for ex in prepared.examples))
             for depth in depths:
-                for key in keys:
-                    runs[depth].append(float(np.mean(score_task(prepared, scorer, depth=depth, key=key))))
+                for state_seed, key in enumerate(keys):
+                    judged = score_task(prepared, scorer, depth=depth, key=key)
+                    runs[depth].append(accuracy(judged))
+                    for idx, record in enumerate(judged) if on_sample else ():
+                        on_sample({"task": spec.label, "source_line": source_lines[idx], "example": idx,
+                                   "depth": depth, "fewshot_seed": seed, "state_seed": state_seed, **record})
         correct[spec.label] = runs
         info[spec.label] = {
             **spec.to_dict(),

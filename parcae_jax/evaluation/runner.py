@@ -134,6 +134,33 @@ def resolve_dataset_dir(ckpt: LoadedCheckpoint, explicit: str | None) -> str | N
     return None
 
 
+def core_bos_id(kind: str, tokenizer, explicit: int = -1) -> int | None:
+    """BOS of CORE prompts: `explicit` when >= 0; for an official folder the official harness's rule
+    (the BOS the tokenizer declares, else id 1, even when a token named <|bos|> exists); for a
+    parcae-jax checkpoint the tokenizer's BOS, the one its training rows started documents with."""
+    if explicit is not None and explicit >= 0:
+        return int(explicit)
+    if tokenizer is None:
+        return None
+    if kind == "official":
+        declared = tokenizer.declared_bos_id
+        return 1 if declared is None else int(declared)
+    return tokenizer.bos_id
+
+
+def samples_path(output: str) -> str:
+    return os.path.splitext(os.path.abspath(os.path.expanduser(output)))[0] + ".samples.jsonl"
+
+
+def write_samples(records: list[dict], path: str) -> str:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        for record in records:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def parse_ints(text, default: list[int]) -> list[int]:
     """'1,2,4' / (1, 2, 4) / 4 -> [1, 2, 4]; '' or None -> default."""
     if text is None or text == "" or text == ():
@@ -185,6 +212,9 @@ def run(config, log=print) -> dict:
         raise ValueError(f"unknown or no tasks {unknown or tasks}: choose from {', '.join(TASKS)}")
     if not config.checkpoint:
         raise ValueError("--config.checkpoint=PATH is required (workdir, step folder or model folder)")
+    if config.log_samples and not config.output:
+        raise ValueError("--config.log_samples=True writes <output stem>.samples.jsonl next to the results: "
+                         "set --config.output=FILE")
     t_start = time.perf_counter()
     overrides = {"compute_dtype": config.compute_dtype} if config.compute_dtype else {}
     ckpt = load_checkpoint(config.checkpoint, step=config.step, **overrides)
@@ -204,6 +234,8 @@ def run(config, log=print) -> dict:
                                    mesh=mesh)
     base_key = jax.random.key(int(config.seed))
     keys = [jax.random.fold_in(base_key, i) for i in range(max(1, int(config.state_init_seeds)))]
+    bos_id = core_bos_id(ckpt.kind, tokenizer, int(config.bos_id))
+    samples: list[dict] | None = [] if config.log_samples else None
     r_bar = int(cfg.mean_recurrence) if looped else 0
     depths = parse_ints(config.depths, [r_bar]) if looped else [0]
     results: dict[str, Any] = {
@@ -216,7 +248,8 @@ def run(config, log=print) -> dict:
                                               .encode()).hexdigest()[:16],
         "eval_config": config.to_dict(),
         "tokenizer": None if tokenizer is None else {
-            "path": tokenizer.path, "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
+            "path": tokenizer.path, "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "core_bos_id": bos_id},
         "state_init": {"kind": cfg.state_init if looped else None, "seed": int(config.seed),
                        "num_seeds": len(keys), "keys": "fold_in(key(seed), i) for i < num_seeds; row noise "
                        "fold_in(that key, row uid)"},
@@ -235,10 +268,13 @@ def run(config, log=print) -> dict:
         log(f"== {task}")
         results["tasks"][task] = task_runners.run_task(
             task, config, ckpt=ckpt, scorer=scorer, tokenizer=tokenizer, depths=depths, keys=keys,
-            plot_path=_plot_path(config), log=log)
+            plot_path=_plot_path(config), bos_id=bos_id,
+            on_sample=None if samples is None else samples.append, log=log)
         results["timing"][task] = round(time.perf_counter() - t0, 2)
     results["timing"]["total"] = round(time.perf_counter() - t_start, 2)
     results["compiled_programs"] = scorer.compiled_programs()
+    if samples is not None:
+        results["samples"] = write_samples(samples, samples_path(config.output))
     if config.output:
         results["output"] = write_json(results, config.output)
     log(report.format_results(results))

@@ -40,7 +40,8 @@ def _bundle(config) -> bundles.Bundle:
     return bundles.Bundle(path)
 
 
-def run_task(task: str, config, *, ckpt, scorer, tokenizer, depths, keys, plot_path, log) -> dict:
+def run_task(task: str, config, *, ckpt, scorer, tokenizer, depths, keys, plot_path, log, bos_id=None,
+             on_sample=None) -> dict:
     cfg = ckpt.model.config
     looped = cfg.arch == "parcae"
     if task == "loss":
@@ -62,7 +63,7 @@ def run_task(task: str, config, *, ckpt, scorer, tokenizer, depths, keys, plot_p
         seeds = parse_ints(config.fewshot_seeds, [DEFAULT_FEWSHOT_SEED])
         return run_suite(task, scorer, tokenizer, _bundle(config), depths=depths, keys=keys,
                          fewshot_seeds=seeds, max_per_task=int(config.max_per_task),
-                         max_seq_len=scorer.max_len, log=log)
+                         max_seq_len=scorer.max_len, bos_id=bos_id, on_sample=on_sample, log=log)
     if task == "lambada":
         bundle = _bundle(config)
         path = bundle.find_file(LAMBADA_FILE)
