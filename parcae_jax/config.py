@@ -103,7 +103,8 @@ SAMPLING_SCHEMES = (
 )
 ITERATION_METHODS = ("per-batch", "per-sequence", "per-token")
 CURRICULUM_TARGETS = ("forward", "backward", "both")
-FUSED_HEADS = ("pytorch", "cce", "hhe", "full-triton")  # all compute the same mean cross-entropy
+# All compute the same mean cross-entropy; official GPT folders may store None.
+FUSED_HEADS = (None, "pytorch", "cce", "hhe", "full-triton")
 VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the block input
 
 

@@ -102,7 +102,7 @@ def test_shards_hold_the_documents(clean, tok_dir, docs):
     assert meta["format"] == shards.FORMAT and meta["dtype"] == "uint16" and meta["val_fraction"] == 0.2
     assert meta["tokenizer"] == {"fingerprint": tokenizer.fingerprint, "kind": "sentencepiece",
                                  "vocab_size": 400, "bos_id": 1, "eos_id": 2, "pad_id": 0,
-                                 "path": tok_dir}
+                                 "declared_pad_id": 0, "path": tok_dir}
     decoded = {}
     for split in ("train", "val"):
         expected = [d for d in docs if d and prep.split_of(d, 0.2) == split]
