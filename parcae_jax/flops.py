@@ -277,7 +277,7 @@ def training_budget(cfg_run: ml_collections.ConfigDict) -> Budget:
             tokens = int(value) // fpt  # FLOP budgets are whole numbers (1e18 is exact in a float)
         else:
             counts = param_counts(cfg)
-            base = train.get("tokens_per_param_counts", "unique")
+            base = train.tokens_per_param_counts
             if base not in ("unique", "non_embedding"):
                 raise ValueError(
                     f"train.tokens_per_param_counts={base!r}: use 'unique' (official) or 'non_embedding'"

@@ -174,9 +174,7 @@ def make_train_step(setup: TrainSetup, train_cfg):
     k_max = max_grad_steps(cfg) if cfg.arch == "parcae" else 0
     z_loss = float(train_cfg.z_loss)
     accum, per_rank = setup.accum, rank_rows(setup)
-    normalization = str(train_cfg.get("loss_normalization", "global"))
-    if normalization not in LOSS_NORMALIZATIONS:
-        raise ValueError(f"train.loss_normalization={normalization!r}: use one of {LOSS_NORMALIZATIONS}")
+    normalization = str(train_cfg.loss_normalization)
 
     def micro_loss(params, mb, weights, depths, h0, positions):
         model = nnx.merge(graphdef, params)

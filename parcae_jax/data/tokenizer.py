@@ -227,11 +227,8 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self.fingerprint = file_fingerprint(self.path)
         named = self._configured_special_tokens()
-        self._declared = {
-            what: given if given is not None
-            else (self._tok.token_to_id(named[key]) if key in named else None)
-            for what, given, key in (("bos", bos_id, "bos_token"), ("pad", pad_id, "pad_token"))
-        }
+        self._declared_bos = bos_id if bos_id is not None else self._token_id(named.get("bos_token"))
+        self._declared_pad = pad_id if pad_id is not None else self._token_id(named.get("pad_token"))
         self.bos_id = self._find_id("BOS", bos_id, named.get("bos_token"), _BOS_NAMES)
         self.eos_id = self._find_id("EOS", eos_id, named.get("eos_token"), _EOS_NAMES)
         try:
@@ -241,11 +238,14 @@ class HFTokenizer(Tokenizer):
 
     @property
     def declared_bos_id(self) -> int | None:
-        return self._declared["bos"]
+        return self._declared_bos
 
     @property
     def declared_pad_id(self) -> int | None:
-        return self._declared["pad"]
+        return self._declared_pad
+
+    def _token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
 
     def __getstate__(self):
         return {"path": self.path, "overrides": self._overrides}

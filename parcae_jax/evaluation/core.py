@@ -300,7 +300,9 @@ def run_suite(suite: str, scorer: TokenScorer, tokenizer, bundle: Bundle, *, dep
                 for state_seed, key in enumerate(keys):
                     judged = score_task(prepared, scorer, depth=depth, key=key)
                     runs[depth].append(accuracy(judged))
-                    for idx, record in enumerate(judged) if on_sample else ():
+                    if on_sample is None:
+                        continue
+                    for idx, record in enumerate(judged):
                         on_sample({"task": spec.label, "source_line": source_lines[idx], "example": idx,
                                    "depth": depth, "fewshot_seed": seed, "state_seed": state_seed, **record})
         correct[spec.label] = runs

@@ -153,11 +153,9 @@ def samples_path(output: str) -> str:
 
 
 def write_samples(records: list[dict], path: str) -> str:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        for record in records:
-            f.write(json.dumps(_jsonable(record)) + "\n")
-    os.replace(tmp, path)
+    from parcae_jax.data.shards import write_bytes_atomic
+
+    write_bytes_atomic(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in records).encode())
     return path
 
 
@@ -185,12 +183,10 @@ def _jsonable(obj):
 
 
 def write_json(results: dict, path: str) -> str:
+    from parcae_jax.data.shards import write_bytes_atomic
+
     path = os.path.abspath(os.path.expanduser(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(results), f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(_jsonable(results), indent=2, allow_nan=False).encode())
     return path
 
 
