@@ -28,6 +28,7 @@ flags.DEFINE_integer("process_id", None, "Index of this process in a multi-proce
 flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
                      "Multi-process: a process missing heartbeats this long stops the whole run.")
 flags.DEFINE_integer("stop_after_steps", None, "Exit after this many steps (schedule unchanged).")
+flags.DEFINE_bool("debug", False, "Show the traceback of a config error instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -85,6 +86,11 @@ def main(argv):
         logging.getLogger("parcae_jax").setLevel(logging.WARNING)
     try:
         trainer.train(FLAGS.config, FLAGS.workdir, stop_after_steps=FLAGS.stop_after_steps)
+    except trainer.ConfigError as e:
+        if FLAGS.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except trainer.TrainingStopped as e:
         logging.error("%s", e)
         sys.exit(3)

@@ -225,6 +225,7 @@ def hardware_flops_per_token(
 # ---------------------------------------------------------------------------------------------------
 
 STOP_CRITERIA = ("max_steps", "max_tokens", "max_flops", "tokens_per_param")
+PARAM_COUNT_BASES = ("unique", "non_embedding")  # what train.tokens_per_param multiplies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +279,7 @@ def training_budget(cfg_run: ml_collections.ConfigDict) -> Budget:
         else:
             counts = param_counts(cfg)
             base = train.tokens_per_param_counts
-            if base not in ("unique", "non_embedding"):
+            if base not in PARAM_COUNT_BASES:
                 raise ValueError(
                     f"train.tokens_per_param_counts={base!r}: use 'unique' (official) or 'non_embedding'"
                 )

@@ -24,6 +24,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from parcae_jax import checkpointing, flops, sharding, train_step
+from parcae_jax.config import ModelConfig
 from parcae_jax.data import pipeline, shards
 from parcae_jax.metrics import MetricsWriter, Throughput, progress_line
 
@@ -134,26 +135,45 @@ def _run_meta(run_cfg, setup, step: int, counters: dict) -> dict:
     }
 
 
+class ConfigError(ValueError):
+    """The run config cannot be trained; the message names the field, its value and the fix."""
+
+
+def check_run_config(run_cfg: ml_collections.ConfigDict) -> tuple[flops.Budget, int]:
+    """Validate the model fields and the training choices; returns (budget, steps this run takes).
+    Raises ConfigError, so the entry point can print one line."""
+    train_cfg = run_cfg.train
+    choices = (("train.loss_guardrail", train_cfg.loss_guardrail, GUARDRAILS),
+               ("train.loss_normalization", train_cfg.loss_normalization, train_step.LOSS_NORMALIZATIONS),
+               ("train.tokens_per_param_counts", train_cfg.tokens_per_param_counts, flops.PARAM_COUNT_BASES),
+               ("data.packing", run_cfg.data.packing, pipeline.PACKINGS))
+    for name, value, allowed in choices:
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not one of {allowed}; set --config.{name}=...")
+    try:
+        ModelConfig.from_dict(run_cfg.model.to_dict())
+        budget = flops.training_budget(run_cfg)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(str(e).strip('"')) from None
+    # The official trainer stops once τ_opt >= max_steps - 1 (spec §7.5); the schedules span max_steps.
+    last_step = budget.steps - 1 if train_cfg.stop_before_last_step else budget.steps
+    if last_step < 1:
+        raise ConfigError(
+            f"the budget gives max_steps={budget.steps}, and the official rule (train.stop_before_last_step) "
+            "runs max_steps - 1 of them: raise the budget or set --config.train.stop_before_last_step=False"
+        )
+    return budget, last_step
+
+
 def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None) -> dict:
     """Train (or resume) the run in `workdir`; returns the last logged metrics row.
 
     `stop_after_steps` ends the process early (tests, benchmarks) without changing the schedule.
     """
     train_cfg = run_cfg.train
-    if train_cfg.loss_guardrail not in GUARDRAILS:
-        raise ValueError(
-            f"train.loss_guardrail must be one of {GUARDRAILS}, got {train_cfg.loss_guardrail!r}"
-        )
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
-    budget = flops.training_budget(run_cfg)
+    budget, last_step = check_run_config(run_cfg)  # before anything is created or compiled
     max_steps = budget.steps
-    # The official trainer stops once τ_opt >= max_steps - 1 (spec §7.5); the schedules span max_steps.
-    last_step = max_steps - 1 if train_cfg.stop_before_last_step else max_steps
-    if last_step < 1:
-        raise ValueError(
-            f"the budget gives max_steps={max_steps}, and the official rule (train.stop_before_last_step) "
-            "runs max_steps - 1 of them: raise the budget or set --config.train.stop_before_last_step=False"
-        )
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     data = resolve_data(run_cfg)
 
     mesh = sharding.make_mesh(run_cfg.mesh.data, run_cfg.mesh.fsdp, run_cfg.mesh.tensor)

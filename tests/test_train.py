@@ -195,6 +195,29 @@ def test_train_cli_rejects_unknown_key_with_valid_keys(dataset, tmp_path):
     assert "lrr" in message and "'lr'" in message and "muon_lr" in message
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.loss_normalization=mean", "train.loss_normalization='mean' is not one of"),
+    ("model.sampling_scheme=geometric", "sampling_scheme 'geometric' names none of"),
+    ("model.n_embd=65", "n_embd 65 is not divisible by num_attention_heads 2"),
+    ("train.stop_before_last_step=True", "max_steps=1, and the official rule"),
+])
+def test_bad_run_config_is_refused_before_the_workdir_exists(dataset, tmp_path, override, message):
+    from parcae_jax import trainer
+
+    cfg = small_config(dataset, "train.max_steps=1", override)
+    with pytest.raises(trainer.ConfigError, match=message):
+        trainer.train(cfg, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_train_cli_config_error_is_one_line_and_exit_2(dataset, tmp_path):
+    result = run_train(tmp_path / "w", dataset, 1, "--config.train.loss_normalization=mean")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == ("error: train.loss_normalization='mean' is not one of ('micro_batch', "
+                                     "'global'); set --config.train.loss_normalization=...")
+    assert not (tmp_path / "w").exists()
+
+
 def test_train_cli_none_override_switches_stop_criterion(dataset, tmp_path):
     from parcae_jax import flops
 
