@@ -140,7 +140,6 @@ def draw_depths(cfg: ModelConfig, key: jax.Array, step, accum: int, micro: int, 
     key_n, key_k = jax.random.split(key)
     micro_step = step * accum + jnp.arange(accum) + 1  # [A]
     ranks = micro // rows_per_rank
-    rank_of_row = jnp.arange(micro) // rows_per_rank
     if cfg.recurrent_iteration_method == "per-batch":
         def one(a, r):
             kn = jax.random.fold_in(jax.random.fold_in(key_n, a), 0 if cfg.lockstep_n else r)
@@ -148,7 +147,8 @@ def draw_depths(cfg: ModelConfig, key: jax.Array, step, accum: int, micro: int, 
             return sample_depths(kn, cfg, micro_step[a], (), k_key=kk)
 
         n, k = jax.vmap(lambda a: jax.vmap(lambda r: one(a, r))(jnp.arange(ranks)))(jnp.arange(accum))
-        return n[:, rank_of_row], k[:, rank_of_row]  # [A, ranks] -> every row of its device
+        # [A, ranks] -> every row of its device
+        return jnp.repeat(n, rows_per_rank, axis=1), jnp.repeat(k, rows_per_rank, axis=1)
     row = jnp.arange(micro) % rows_per_rank if cfg.lockstep_n else jnp.arange(micro)
 
     def one_row(a, r):
@@ -162,10 +162,9 @@ def draw_depths(cfg: ModelConfig, key: jax.Array, step, accum: int, micro: int, 
 def random_positions(cfg: ModelConfig, key: jax.Array, micro: int, rows_per_rank: int, T: int):
     """Training positions [micro, T] under `randomize_positions_from = M` (spec §2.4.1): per device
     micro-batch, one sorted random set of T distinct positions from [0, M), shared by its rows."""
-    ranks = micro // rows_per_rank
-    keys = jax.random.split(key, ranks)
+    keys = jax.random.split(key, micro // rows_per_rank)
     pos = jax.vmap(lambda k: jnp.sort(jax.random.permutation(k, cfg.randomize_positions_from)[:T]))(keys)
-    return pos[jnp.arange(micro) // rows_per_rank]
+    return jnp.repeat(pos, rows_per_rank, axis=0)
 
 
 def make_train_step(setup: TrainSetup, train_cfg):

@@ -87,29 +87,41 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
 
 
-@pytest.mark.parametrize("processes", [2, 4])
-def test_multi_process_losses_equal_single_process(dataset, tmp_path, processes):
-    devices = 2 * processes
-    codes, outs = wait_all(start(tmp_path / "multi", dataset, processes, 2))
+def multi_process_run(workdir, dataset, processes):
+    codes, outs = wait_all(start(workdir, dataset, processes, 2))
     assert codes == [0] * processes, outs[0][-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def two_process_run(dataset, tmp_path_factory):
+    """One 2-process run (2 devices each), shared by the tests that only read it."""
+    return multi_process_run(tmp_path_factory.mktemp("two") / "run", dataset, 2)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_multi_process_losses_equal_single_process(dataset, tmp_path, processes, request):
+    devices = 2 * processes
+    if processes == 2:
+        multi_dir = request.getfixturevalue("two_process_run")
+    else:
+        multi_dir = multi_process_run(tmp_path / "multi", dataset, processes)
     codes, outs = wait_all(start(tmp_path / "single", dataset, 1, devices))
     assert codes == [0], outs[0][-3000:]
-    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    multi, single = losses(multi_dir), losses(tmp_path / "single")
     assert sorted(multi) == list(range(1, 9))  # process 0 alone wrote the metrics, once per step
     np.testing.assert_allclose([multi[s] for s in range(1, 9)], [single[s] for s in range(1, 9)], rtol=1e-5)
-    assert "val_loss_4" in read_metrics(str(tmp_path / "multi"))[-1]
+    assert "val_loss_4" in read_metrics(str(multi_dir))[-1]
 
 
-def test_two_process_checkpoint_restores_in_one_process(dataset, tmp_path):
-    codes, outs = wait_all(start(tmp_path / "two", dataset, 2, 2))
-    assert codes == [0, 0], outs[0][-3000:]
+def test_two_process_checkpoint_restores_in_one_process(dataset, tmp_path, two_process_run):
     # A new workdir holding only the step-4 checkpoint of the 2-process run.
     (tmp_path / "one" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "two" / "checkpoints" / "4", tmp_path / "one" / "checkpoints" / "4")
+    shutil.copytree(two_process_run / "checkpoints" / "4", tmp_path / "one" / "checkpoints" / "4")
     codes, outs = wait_all(start(tmp_path / "one", dataset, 1, 4))
     assert codes == [0], outs[0][-3000:]
     assert "resumed from" in outs[0]
-    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    two, one = losses(two_process_run), losses(tmp_path / "one")
     assert sorted(one) == [5, 6, 7, 8]
     np.testing.assert_allclose([one[s] for s in range(5, 9)], [two[s] for s in range(5, 9)], rtol=1e-5)
 
