@@ -15,6 +15,7 @@ from flax import nnx
 
 from parcae_jax import convert, pretrained
 from parcae_jax.cli_config import load_config
+from parcae_jax.data.tokenizer import load_tokenizer
 from parcae_jax.evaluation import runner
 from parcae_jax.model import build_model
 from tests.helpers import tiny_parcae
@@ -143,3 +144,11 @@ def test_bos_override_changes_the_scores(official_folder, tmp_path):
     a = [x for s in official for x in s.get("choice_losses", []) if x is not None]
     b = [x for s in with_zero for x in s.get("choice_losses", []) if x is not None]
     assert len(a) == len(b) > 0 and not np.allclose(a, b)
+
+
+
+def test_bos_outside_the_vocabulary_is_refused(official_folder):
+    folder, _ = official_folder
+    tokenizer = load_tokenizer(str(folder / "tokenizer.json"))
+    with pytest.raises(ValueError, match="bos_id=4096 is outside the tokenizer's vocabulary"):
+        runner.core_bos_id("official", tokenizer, 4096)

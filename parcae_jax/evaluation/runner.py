@@ -139,6 +139,9 @@ def core_bos_id(kind: str, tokenizer, explicit: int = -1) -> int | None:
     (the BOS the tokenizer declares, else id 1, even when a token named <|bos|> exists); for a
     parcae-jax checkpoint the tokenizer's BOS, the one its training rows started documents with."""
     if explicit is not None and explicit >= 0:
+        if tokenizer is not None and explicit >= tokenizer.vocab_size:
+            raise ValueError(f"--config.bos_id={explicit} is outside the tokenizer's vocabulary "
+                             f"({tokenizer.vocab_size} ids); pick an id below it or -1 for the official rule")
         return int(explicit)
     if tokenizer is None:
         return None
