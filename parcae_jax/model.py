@@ -42,6 +42,17 @@ def init_state(key: jax.Array, cfg: ModelConfig, shape: tuple[int, ...]) -> Floa
     raise ValueError(f"unknown state_init {kind!r}")
 
 
+def row_states(key: jax.Array, cfg: ModelConfig, rows: Int[Array, " B"], length: int
+               ) -> Float[Array, "B T Dr"]:
+    """The one initial-state rule: row r's h0 is `init_state(fold_in(key, r), (length, d_r))`.
+
+    Training, validation, scoring, generation and reports all draw h0 this way, with `rows` the global
+    row ids of their stream. JAX's partitionable threefry makes position p's noise depend only on
+    (key, r, p), not on `length`, so a prefix of a row gets the states of the whole row's prefix.
+    """
+    return jax.vmap(lambda r: init_state(jax.random.fold_in(key, r), cfg, (length, cfg.d_rec)))(rows)
+
+
 def _remat_policy(impl: str):
     if "sac" in impl:
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable

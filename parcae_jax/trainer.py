@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -240,8 +239,6 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
         flops.peak_flops_per_device(),
         jax.device_count(),
     )
-    # Fault injection for the resume tests: SIGKILL this process right after step N (no clean exit).
-    kill_at = int(os.environ.get("PARCAE_JAX_SIGKILL_AFTER_STEP", "0"))
     run_t0 = time.perf_counter()
     last_row: dict[str, Any] = {}
     end = last_step if stop_after_steps is None else min(last_step, stop_after_steps)
@@ -298,9 +295,6 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
                     continue
             if step % int(train_cfg.checkpoint_every) == 0 or is_last:
                 save(step)
-            if step == kill_at:  # let in-flight saves land first, so the test knows which checkpoint exists
-                checkpointer.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
             if checkpointing.any_process(preempted.is_set()):
                 save(step)
                 log.warning("preempted: checkpoint at step %d written; rerun the command to resume", step)
