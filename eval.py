@@ -42,7 +42,7 @@ def main(argv):
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
     try:
         runner.run(FLAGS.config, log=log)
-    except (runner.CheckpointPathError, BundleError, ValueError, FileNotFoundError) as e:
+    except (BundleError, ValueError, FileNotFoundError) as e:  # CheckpointPathError is a FileNotFoundError
         sys.exit(f"error: {e}")
 
 

@@ -7,7 +7,7 @@ Tasks: loss, depth_sweep, core, core_extended, lambada, sample (see parcae_jax/e
 
 import ml_collections
 
-from parcae_jax.evaluation.runner import TASKS
+from parcae_jax.evaluation.tasks import TASKS
 
 
 def get_config(arg=None):
@@ -37,7 +37,9 @@ def get_config(arg=None):
     # loss / depth_sweep data: prepared shards (default: the run's dataset) or raw text.
     c.dataset_dir = ""
     c.split = "val"
-    c.max_rows = 256  # block_size rows of the split (-1: all)
+    # Rows of the split (-1: all). 0: a training workdir's own validation set (exactly the rows and the
+    # numbers of the trainer's val_loss_<d>), else the split's first 256 rows.
+    c.max_rows = 0
     c.text = ""  # "parquet:GLOB" / "jsonl:GLOB" / "text:GLOB": official BPB rule, one document per row
     c.max_documents = 1000
     # core / core_extended / lambada: the DCLM eval bundle.

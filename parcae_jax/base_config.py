@@ -6,34 +6,34 @@ Sections: `model` (official model fields + JAX execution fields, see `config.py`
 
 from __future__ import annotations
 
+import types
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
-from parcae_jax.config import ModelConfig
-
-_OPTIONAL_MODEL_FIELDS = {
-    "intermediate_size": int,
-    "num_key_value_heads": int,
-    "padded_vocab_size": int,
-    "randomize_positions_from": int,
-    "clip_qkv": float,
-    "logit_softcap": float,
-    "recurrent_num_attention_heads": int,
-    "attention_impl": str,
-    "use_fused_head": str,
-}
+from parcae_jax.config import ModelConfig, field_types
 
 
-def base(model_fields: dict[str, Any]) -> ml_collections.ConfigDict:
+def model_section(model_fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The `model` section: every field the arch's config class declares (official defaults filled
+    in), so any of them can be overridden. Its keys and types come from the class, never from a list
+    kept here: a field the arch lacks (e.g. a Parcae-only one in a GPT) cannot appear."""
+    cfg = ModelConfig.from_dict(model_fields)
+    section = cfg.to_dict()
+    for name, typ in field_types(cfg.arch).items():
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):
+            # Optional fields go in as typed references: `--config.model.x=...` is type-checked even
+            # while the value is None (a plain None field would accept anything).
+            (inner,) = [t for t in typing.get_args(typ) if t is not type(None)]
+            section[name] = ml_collections.FieldReference(section[name], field_type=inner)
+    return section
+
+
+def base(model_fields: Mapping[str, Any]) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
-    # Every field of the model (official defaults filled in) so any of them can be overridden.
-    model = ModelConfig.from_dict(model_fields).to_dict()
-    for key, typ in _OPTIONAL_MODEL_FIELDS.items():  # typed, so `--config.model.x=...` can set them
-        # Only the fields this architecture has: a GPT has no `recurrent_num_attention_heads`.
-        if key in model and model[key] is None:
-            model[key] = ml_collections.FieldReference(None, field_type=typ)
-    cfg.model = model
+    cfg.model = model_section(model_fields)
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.source = "shakespeare"  # 'shakespeare' (embedded corpus, prepared on first use) or 'dir'

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import signal
 import threading
 from typing import Any
@@ -207,40 +206,35 @@ def any_process(flag: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Models out of training workdirs (conversion, evaluation)
+# A model out of a training checkpoint (`parcae_jax.loading` finds the workdir and the step)
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_model_from_workdir(workdir: str | os.PathLike, step: int | None = None, **overrides):
-    """The model (fp32 params, on the default device) of a training checkpoint: latest or `step`."""
+def restore_model(workdir: str | os.PathLike, step: int | None = None, **overrides):
+    """(model, step, meta) of a training checkpoint: the latest finished step unless `step`, fp32
+    parameters on the default device whatever mesh wrote them, `overrides` replacing model fields."""
     from flax import nnx
 
     from parcae_jax.model import build_model
 
-    workdir = pathlib.Path(workdir).expanduser().resolve()
-    directory = workdir / CHECKPOINT_DIR
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{workdir} has no {CHECKPOINT_DIR}/ folder: not a training workdir")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"))
-    steps = list(manager.all_steps())
-    if not steps:
-        raise FileNotFoundError(f"{directory} holds no finished checkpoint")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"{directory} has no checkpoint at step {step}; available: {sorted(steps)}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    cfg = ModelConfig.from_dict({**meta["model"], **overrides})
-    model = build_model(cfg, seed=0)
-    params = nnx.state(model, nnx.Param)
-    # Restore only the parameters, onto one device, whatever mesh wrote them.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True)
-        ),
-    )
+    ckpt = Checkpointer(workdir, keep_last=0, async_save=False)  # keep_last=0: never deletes anything
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{ckpt.directory} holds no finished checkpoint")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"{ckpt.directory} has no checkpoint at step {step}; "
+                                    f"available: {sorted(steps)}")
+        meta = ckpt.read_meta(step)
+        model = build_model(ModelConfig.from_dict({**meta["model"], **overrides}), seed=0)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                nnx.state(model, nnx.Param))
+        # Only the parameters: the optimizer state is never read.
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True)))
+    finally:
+        ckpt.close()
     nnx.update(model, restored["state"]["params"])
-    manager.close()
-    return model
+    return model, step, meta

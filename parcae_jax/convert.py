@@ -12,15 +12,14 @@ share). Destinations are written to a temporary folder and renamed, so a failure
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import shutil
 import sys
 import tempfile
 
-from parcae_jax import pretrained, weights
-from parcae_jax.config import ModelConfig
+from parcae_jax import loading, pretrained, weights
+from parcae_jax.config import ModelConfig, write_folder_config
 
 
 def torch_rope_table(cfg: ModelConfig):
@@ -31,18 +30,6 @@ def torch_rope_table(cfg: ModelConfig):
     pos = torch.arange(cfg.rope_table_length).float() / cfg.rope_condense_ratio
     ang = torch.outer(pos, inv)
     return torch.stack([ang.cos(), ang.sin()], -1)[None, :, None].contiguous()
-
-
-def load_any(src: str | os.PathLike, step: int | None = None):
-    """(model, extra) from a native folder, an official folder or a training workdir."""
-    src = pathlib.Path(src).expanduser()
-    if (src / "checkpoints").is_dir():
-        from parcae_jax import checkpointing  # training checkpoints (train.py)
-
-        return checkpointing.load_model_from_workdir(src, step=step), {}
-    if step is not None:
-        raise ValueError(f"--step applies to training workdirs only; {src} is a model folder")
-    return pretrained.load_pretrained(src, return_extra=True, compute_dtype="float32")
 
 
 def export_official(model, extra, dst: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
@@ -64,8 +51,7 @@ def export_official(model, extra, dst: str | os.PathLike, *, overwrite: bool = F
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        with open(tmp / "config.json", "w") as f:
-            json.dump(cfg.to_official_dict(), f, indent=2)
+        write_folder_config(cfg, tmp, native=False)
         torch.save(type(arrays)(tensors), tmp / "model.pt")
         save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
         if dst.exists():
@@ -79,15 +65,18 @@ def export_official(model, extra, dst: str | os.PathLike, *, overwrite: bool = F
 
 def from_torch(src, dst, *, overwrite: bool = False) -> pathlib.Path:
     src = pathlib.Path(src).expanduser()
-    if pretrained.is_native(src):
+    if pretrained.is_native(src):  # refused before loading it for nothing
         raise ValueError(f"{src} is already a parcae-jax folder (it has params/); use to-torch to export it")
-    model, extra = pretrained.load_pretrained(src, return_extra=True, compute_dtype="float32")
-    return pretrained.save_pretrained(model, dst, extra=extra, overwrite=overwrite)
+    loaded = loading.load_model(src, compute_dtype="float32")
+    if loaded.kind != "official":
+        raise ValueError(f"{loaded.path} is a training workdir, not an official PyTorch folder")
+    return pretrained.save_pretrained(loaded.model, dst, extra=loaded.extra, overwrite=overwrite)
 
 
 def to_torch(src, dst, *, step: int | None = None, overwrite: bool = False) -> pathlib.Path:
-    model, extra = load_any(src, step)
-    return export_official(model, extra, dst, overwrite=overwrite)
+    """Export anything `loading.load_model` takes (a native folder, a workdir or one of its steps)."""
+    loaded = loading.load_model(src, step, compute_dtype="float32")
+    return export_official(loaded.model, loaded.extra, dst, overwrite=overwrite)
 
 
 def main(argv=None) -> int:

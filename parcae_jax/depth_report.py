@@ -15,7 +15,7 @@ from flax import nnx
 
 from parcae_jax import losses
 from parcae_jax.kv_cache import EXIT_CRITERIA, CachePlan, forward_chunk, init_cache
-from parcae_jax.model import init_state
+from parcae_jax.model import row_states
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
@@ -27,7 +27,7 @@ def _score(graphdef, params, inputs, labels, h0, num_steps, exit_eps, *, plan):
     cache = init_cache(model.config, B, plan)
     logits, _, depth = forward_chunk(model, cache, inputs, positions, h0, num_steps, exit_eps, plan)
     _, aux = losses.cross_entropy(logits, labels)
-    valid = labels != losses.IGNORE_INDEX
+    valid = labels >= 0
     correct = jnp.sum(valid & (jnp.argmax(logits[..., : model.config.vocab_size], -1) == labels))
     return jnp.stack([aux["nll_sum"], correct, aux["tokens"], jnp.sum(jnp.where(valid, depth, 0))])
 
@@ -48,7 +48,8 @@ def adaptive_depth_report(
     runs teacher-forced in one cached chunk: token t attends to tokens < t at the same step, reading
     an exited token's K/V as `exited_kv` says, which is what cached decoding computes (exactly so for
     the residual criterion; see `kv_cache` for kl).
-    The initial state is fixed by `key` (the same for every row of the table). Returns one dict per
+    The initial state of row r (counted over all batches) comes from `fold_in(key, r)`, the same for
+    every row of the table. Returns one dict per
     row, the fixed depth first: {"criterion", "eps", "mean_depth", "loss", "accuracy", "delta_loss",
     "delta_accuracy", "tokens"}.
     """
@@ -62,10 +63,12 @@ def adaptive_depth_report(
     graphdef, params = nnx.split(model)
     settings = [(None, 0.0)] + [(criterion, float(e)) for e in eps_list]
     totals = np.zeros((len(settings), 4))
-    for i, batch in enumerate(token_batches):
+    first_row = 0
+    for batch in token_batches:
         inputs, labels = jnp.asarray(batch["inputs"]), jnp.asarray(batch["labels"])
         B, T = inputs.shape
-        h0 = init_state(jax.random.fold_in(key, i), cfg, (B, T, cfg.d_rec))
+        h0 = row_states(key, cfg, first_row + jnp.arange(B), T)  # the one h0 rule, by global row
+        first_row += B
         for row, (crit, eps) in enumerate(settings):
             plan = CachePlan(max_len=T, max_depth=max(num_steps, 1), exit_criterion=crit, exited_kv=exited_kv)
             totals[row] += np.asarray(_score(graphdef, params, inputs, labels, h0, num_steps, eps, plan=plan))

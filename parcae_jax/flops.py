@@ -42,7 +42,7 @@ from flax import nnx
 
 from parcae_jax import recurrence
 from parcae_jax.cli_config import load_config, split_config_args
-from parcae_jax.config import ModelConfig, official_fields
+from parcae_jax.config import ModelConfig
 from parcae_jax.model import abstract_model
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,10 +78,6 @@ def as_model_config(cfg) -> ModelConfig:
         return cfg
     if isinstance(cfg, ml_collections.ConfigDict):
         cfg = cfg.model.to_dict() if "model" in cfg else cfg.to_dict()
-        # `base_config` adds typed None placeholders for optional fields of either arch (e.g. the
-        # Parcae-only `recurrent_num_attention_heads` in a GPT config): drop unset ones this arch lacks.
-        official = official_fields(cfg.get("arch", "parcae"))
-        cfg = {k: v for k, v in cfg.items() if k in official or v is not None}
     return ModelConfig.from_dict(dict(cfg))
 
 

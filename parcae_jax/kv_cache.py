@@ -41,10 +41,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from parcae_jax.model import _rel_residual
+from parcae_jax.loop import recur, rel_residual
 
 EXIT_CRITERIA = ("residual", "kl")
 EXITED_KV = ("last", "frozen")  # what an exited token serves as K/V at its skipped steps
@@ -189,16 +188,14 @@ def cache_bytes(cache) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Cached blocks
+# Cache slots handed to the model's own blocks
 # ---------------------------------------------------------------------------------------------------
 
 
 class _Chunk(NamedTuple):
-    """Where a chunk of tokens sits: ids [B, T], RoPE (cos, sin) [B, T, D/2], row indices [B, 1],
-    positions [B, T] and the attention mask [B, T, L] (key position <= query position)."""
+    """Where a chunk of tokens sits: row indices [B, 1], positions [B, T] and the attention mask
+    [B, T, L] (key position <= query position)."""
 
-    ids: Array
-    rope: tuple
     rows: Array
     positions: Array
     mask: Array
@@ -209,37 +206,20 @@ class _Chunk(NamedTuple):
         return buffer.at[index].set(new.astype(buffer.dtype))
 
 
-def _block(blk, x: Float[Array, "B T W"], ve, chunk: _Chunk, kv_write) -> Float[Array, "B T W"]:
-    """`Block.__call__` with attention over the cache: `kv_write(k, v)` stores the chunk's K/V and
-    returns the keys/values [B, L, H_kv, D] to attend to, masked by `chunk.mask`."""
-    attn = blk.attn
-    B, T, _ = x.shape
-    h = blk.norm_1(x).astype(attn.compute_dtype)
-    q, k, v = attn.qkv(h, ve, *chunk.rope)
-    keys, values = kv_write(k, v)
-    y = jax.nn.dot_product_attention(q, keys, values, mask=chunk.mask[:, None])
-    x = x + attn.c_proj(y.reshape(B, T, attn.heads * attn.head_dim)).astype(jnp.float32)
-    return x + blk.mlp(blk.norm_2(x)).astype(jnp.float32)
+class _StageCache:
+    """The (K, V) buffers of one stage (one pair per layer). `slot(i)` is layer i's `layers.KVSlot`: it
+    stores the chunk's K/V and hands the whole buffer back; `buffers` then holds the updated pairs."""
 
+    def __init__(self, chunk: _Chunk, buffers):
+        self.chunk, self.buffers = chunk, list(buffers)
 
-def _stage(blocks, x, ves, chunk: _Chunk, buffers):
-    """Blocks with one cache buffer (K, V) each: returns (x, updated buffers)."""
-    out = []
-    for blk, ve, (K, V) in zip(blocks, ves, buffers, strict=True):
+    def slot(self, i: int):
+        def kv(k, v):
+            K, V = self.buffers[i]
+            self.buffers[i] = (self.chunk.write(K, k), self.chunk.write(V, v))
+            return (*self.buffers[i], self.chunk.mask)
 
-        def kv_write(k, v, K=K, V=V):
-            out.append((chunk.write(K, k), chunk.write(V, v)))
-            return out[-1]
-
-        x = _block(blk, x, ve, chunk, kv_write)
-    return x, out
-
-
-def _readout(model, h, chunk: _Chunk, buffers):
-    """C, coda (cached), ln_f and head: (logits [B, T, V_padded] fp32, updated coda buffers)."""
-    ves = [model._ve(chunk.ids, t) for t in model.config.ve_tables()["coda"]]
-    x, buffers = _stage(model.coda, model.C(h).astype(jnp.float32), ves, chunk, buffers)
-    return model._head(model.ln_f(x)), buffers
+        return kv
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,87 +247,78 @@ def forward_chunk(
     B, T = ids.shape
     positions = jnp.asarray(positions, jnp.int32)
     mask = jnp.arange(plan.max_len)[None, None, :] <= positions[:, :, None]
-    chunk = _Chunk(ids, model._rope(ids, positions), jnp.arange(B)[:, None], positions, mask)
-    x = model._embed(ids)
+    chunk = _Chunk(jnp.arange(B)[:, None], positions, mask)
     if cfg.arch == "gpt":
-        ves = [model._ve(ids, i) for i in range(cfg.n_layer)]
-        x, h_cache = _stage(model.h, x, ves, chunk, cache["h"])
-        return model._head(model.ln_f(x)), {"h": h_cache}, jnp.zeros((B, T), jnp.int32)
+        layers = _StageCache(chunk, cache["h"])
+        logits = model(ids, positions=positions, layer_kv=layers.slot)
+        return logits, {"h": layers.buffers}, jnp.zeros((B, T), jnp.int32)
 
-    ves = [model._ve(ids, t) for t in cfg.ve_tables()["prelude"]]
-    e, prelude = _stage(model.prelude, x, ves, chunk, cache["prelude"])
-    if model.ln_prelude is not None:
-        e = model.ln_prelude(e)
-    h, core, depth = _core_loop(model, chunk, e, h0, cache, num_steps, exit_eps, plan)
-    logits, coda = _readout(model, h, chunk, cache["coda"])
-    return logits, {"prelude": prelude, "core": core, "coda": coda}, depth
+    rope = model.rope(ids, positions)
+    prelude = _StageCache(chunk, cache["prelude"])
+    e = model.prelude_forward(ids, rope, prelude.slot)
+    h, core, depth = _core_loop(model, chunk, ids, e, rope, h0, cache, num_steps, exit_eps, plan)
+    coda = _StageCache(chunk, cache["coda"])
+    logits = model.coda_forward(h, ids, rope, coda.slot)
+    return logits, {"prelude": prelude.buffers, "core": core, "coda": coda.buffers}, depth
 
 
-def _core_loop(model, chunk: _Chunk, e, h0, cache, num_steps, exit_eps, plan: CachePlan):
-    """The recurrence over the core slots; returns (final h, core (K, V), depth [B, T])."""
+def _core_loop(model, chunk: _Chunk, ids, e, rope, h0, cache, num_steps, exit_eps, plan: CachePlan):
+    """The model's recurrence step over the core slots (`loop.recur`, with exits); returns (final h,
+    core (K, V), depth [B, T])."""
     cfg = model.config
     R, criterion = cfg.n_core, plan.exit_criterion
     reuse_last = criterion is not None and plan.exited_kv == "last"
     num_steps = jnp.asarray(num_steps, jnp.int32)
     exit_eps = jnp.asarray(exit_eps, jnp.float32)
-    graph_a, state_a = nnx.split(model.adapter)
-    graph_c, state_c = nnx.split(model.core_block)
-    e_term = model.adapter.input_term(e)  # loop-invariant half of the injection
-    ves = [model._ve(chunk.ids, t) for t in cfg.ve_tables()["core_block"]]
-    B, T = chunk.ids.shape
+    step, args = model.recurrence(ids, e, rope, training=False)
+    B, T = ids.shape
 
     def write(core, slot, k, v):
         return chunk.write(core[0], k, slot), chunk.write(core[1], v, slot)
 
-    def step(r, h, active, last, core):
-        """One recurrence (with `last`, exited tokens write their last K/V instead of this step's).
-        Returns (h', the K/V written per core layer [R, B, T, H, D], core)."""
-        adapter, blocks = nnx.merge(graph_a, state_a), nnx.merge(graph_c, state_c)
-        x = adapter(h, e_term)
+    def log_probs(h):
+        coda = _StageCache(chunk, cache["coda"])  # reads the coda cache; its writes are dropped
+        logits = model.coda_forward(h, ids, rope, coda.slot)
+        return jax.nn.log_softmax(logits[..., : cfg.vocab_size], axis=-1)
+
+    def cached_step(r, h, carry, run):
+        """One recurrence writing its core K/V (with `last`, exited tokens write their last K/V
+        instead of this step's)."""
+        core, last, logp = carry
         written = []
-        for j, (blk, ve) in enumerate(zip(blocks, ves, strict=True)):
+
+        def layer_kv(j):
             slot = core_slot(plan.lookup, r * R + j, num_steps, R)
 
-            def kv_write(k, v, j=j, slot=slot):
+            def kv(k, v):
                 nonlocal core
                 if last is not None:
-                    keep = active[:, :, None, None]
+                    keep = run[:, :, None, None]
                     k, v = jnp.where(keep, k, last[0][j]), jnp.where(keep, v, last[1][j])
                 written.append((k, v))
                 core = write(core, slot, k, v)
-                return core[0][slot], core[1][slot]
+                return core[0][slot], core[1][slot], chunk.mask
 
-            x = _block(blk, x, ve, chunk, kv_write)
-        stacked = (jnp.stack([k for k, _ in written]), jnp.stack([v for _, v in written]))
-        return x, stacked, core
+            return kv
 
-    def log_probs(h):
-        logits, _ = _readout(model, h, chunk, cache["coda"])  # reads the coda cache, keeps nothing
-        return jax.nn.log_softmax(logits[..., : cfg.vocab_size], axis=-1)
-
-    def body(carry):
-        r, h, active, depth, last, core, logp = carry
-        h_new, written, core = step(r, h, active, last, core)
-        h_new = jnp.where(active[..., None], h_new, h)
-        depth = jnp.where(active, r + 1, depth)
+        h_new = step(args, h, layer_kv)
+        if reuse_last:
+            last = (jnp.stack([k for k, _ in written]), jnp.stack([v for _, v in written]))
+        converged = None
         if criterion == "residual":
-            active = active & ~(_rel_residual(h_new, h) < exit_eps)
+            converged = rel_residual(h_new, h) < exit_eps
         elif criterion == "kl":
-            logp_new = log_probs(h_new)
-            kl = jnp.sum(jnp.exp(logp_new) * (logp_new - logp), axis=-1)
-            active, logp = active & ~(kl < exit_eps), logp_new
-        return r + 1, h_new, active, depth, written if reuse_last else None, core, logp
-
-    def cond(carry):
-        r, _, active = carry[:3]
-        return (r < num_steps) & jnp.any(active) if reuse_last else r < num_steps
+            logp_new = log_probs(jnp.where(run[..., None], h_new, h))
+            converged = jnp.sum(jnp.exp(logp_new) * (logp_new - logp), axis=-1) < exit_eps
+            logp = logp_new
+        return h_new, (core, last, logp), converged
 
     dt, H, D = jnp.dtype(cfg.compute_dtype), cfg.rec_heads, cfg.head_size
     last = (jnp.zeros((R, B, T, H, D), dt),) * 2 if reuse_last else None
     logp = log_probs(h0) if criterion == "kl" else None
-    active, depth = jnp.ones((B, T), bool), jnp.zeros((B, T), jnp.int32)
-    carry = (jnp.int32(0), h0, active, depth, last, cache["core"], logp)
-    r_end, h, _, depth, last, core, _ = jax.lax.while_loop(cond, body, carry)
+    out = recur(cached_step, h0, count=num_steps, bound=num_steps, carry=(cache["core"], last, logp),
+                stop_when_done=reuse_last)
+    core, last, _ = out.carry
     if reuse_last:  # every token exited early: give the skipped steps' slots their last K/V
 
         def fill(r, core):
@@ -355,5 +326,5 @@ def _core_loop(model, chunk: _Chunk, e, h0, cache, num_steps, exit_eps, plan: Ca
                 core = write(core, core_slot(plan.lookup, r * R + j, num_steps, R), last[0][j], last[1][j])
             return core
 
-        core = jax.lax.fori_loop(r_end, num_steps, fill, core)
-    return h, core, depth
+        core = jax.lax.fori_loop(out.steps, num_steps, fill, core)
+    return out.h, core, out.depth

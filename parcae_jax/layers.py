@@ -19,6 +19,9 @@ from parcae_jax import init as inits
 from parcae_jax.config import VE_GATE_CHANNELS, ModelConfig
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+# A cache slot for one attention layer:
+# (k, v) [B, T, Hkv, D] -> (keys, values [B, L, Hkv, D], mask [B, T, L]).
+KVSlot = Callable[[Array, Array], tuple[Array, Array, Array]]
 
 # PyTorch's F.rms_norm default eps is the fp32 machine epsilon even for bf16 inputs (spec §2.4 step 6).
 QK_NORM_EPS = float(jnp.finfo(jnp.float32).eps)
@@ -165,11 +168,18 @@ class Attention(nnx.Module):
             k = rms_normalize(k, QK_NORM_EPS).astype(k.dtype)
         return q, k, v
 
-    def __call__(self, x: Array, ve: Array | None, cos, sin) -> Array:
+    def __call__(self, x: Array, ve: Array | None, cos, sin, kv: KVSlot | None = None) -> Array:
+        """Causal attention over the chunk itself, or (with `kv`) over a cache slot: `kv(k, v)` stores
+        the chunk's keys/values and returns (keys, values [B, L, Hkv, D], mask [B, T, L]) to attend to.
+        The decode engine (kv_cache.py) only owns the buffers behind `kv`."""
         B, T, _ = x.shape
         x = x.astype(self.compute_dtype)
         q, k, v = self.qkv(x, ve, cos, sin)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
+        if kv is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
+        else:
+            keys, values, mask = kv(k, v)
+            y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
         return self.c_proj(y.reshape(B, T, self.heads * self.head_dim))
 
 
@@ -226,6 +236,7 @@ class Block(nnx.Module):
         self.norm_2 = Norm(width, cfg)
         self.mlp = MLP(cfg, width=width, hidden=hidden, init_std=init_std, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "B T W"], ve: Array | None, cos, sin) -> Float[Array, "B T W"]:
-        x = x + self.attn(self.norm_1(x), ve, cos, sin).astype(jnp.float32)
+    def __call__(self, x: Float[Array, "B T W"], ve: Array | None, cos, sin, kv: KVSlot | None = None
+                 ) -> Float[Array, "B T W"]:
+        x = x + self.attn(self.norm_1(x), ve, cos, sin, kv).astype(jnp.float32)
         return x + self.mlp(self.norm_2(x)).astype(jnp.float32)

@@ -19,6 +19,7 @@ from parcae_jax import init as inits
 from parcae_jax.config import ModelConfig
 from parcae_jax.injection import make_injection
 from parcae_jax.layers import Block, Embed, Linear, Norm, rope_table
+from parcae_jax.loop import recur, rel_residual
 
 
 def init_state(key: jax.Array, cfg: ModelConfig, shape: tuple[int, ...]) -> Float[Array, "B T Dr"]:
@@ -63,6 +64,17 @@ def _stop_gradient_tree(tree):
     return jax.tree.map(jax.lax.stop_gradient, tree)
 
 
+def _blocks(cfg: ModelConfig, layer_ids, width, heads, kv_heads, hidden, rngs: nnx.Rngs) -> nnx.List:
+    """One stage's blocks; each layer id decides its value-embedding gate (spec §2.6)."""
+    return nnx.List(
+        [
+            Block(cfg, width=width, heads=heads, kv_heads=kv_heads, hidden=hidden,
+                  has_gate=cfg.has_ve_gate(layer_id), rngs=rngs)
+            for layer_id in layer_ids
+        ]
+    )
+
+
 class _LM(nnx.Module):
     """Pieces shared by Parcae and GPT: embeddings, value embeddings, head, RoPE positions."""
 
@@ -97,11 +109,13 @@ class _LM(nnx.Module):
             )
         )
 
-    def _ve(self, ids, table: int):
+    def value_embedding(self, ids, table: int):
+        """The value embedding of table `table` for `ids`, or None where the table does not exist."""
         key = str(table)
         return self.value_embeds[key](ids) if key in self.value_embeds else None
 
-    def _rope(self, ids, positions):
+    def rope(self, ids, positions=None):
+        """RoPE (cos, sin) [B, T, D_h/2] at `positions` [B, T] (default 0..T-1)."""
         cfg = self.config
         T = ids.shape[1]
         if T > cfg.rope_table_length:
@@ -115,11 +129,11 @@ class _LM(nnx.Module):
         positions = jnp.broadcast_to(positions, ids.shape)
         return cos[positions], sin[positions]
 
-    def _embed(self, ids):
+    def embed(self, ids):
         x = self.wte(ids).astype(jnp.float32)
         return x * self.config.embedding_scale if self.config.embedding_scale != 1.0 else x
 
-    def _head(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    def head(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         cfg = self.config
         cdt = jnp.dtype(cfg.compute_dtype)
         if self.lm_head is None:
@@ -131,6 +145,16 @@ class _LM(nnx.Module):
             c = float(cfg.logit_softcap)
             logits = c * jnp.tanh(logits / c)
         return logits
+
+    def _stage(self, blocks, tables, x, ids, rope, layer_kv, remat: bool):
+        """Blocks in order; `layer_kv(i)` gives layer i its cache slot (see `Attention`), or None."""
+        for i, (blk, table) in enumerate(zip(blocks, tables, strict=True)):
+            ve, kv = self.value_embedding(ids, table), None if layer_kv is None else layer_kv(i)
+            if remat:
+                x = nnx.remat(lambda b, x, ve, kv=kv: b(x, ve, *rope, kv=kv))(blk, x, ve)
+            else:
+                x = blk(x, ve, *rope, kv=kv)
+        return x
 
 
 class Parcae(_LM):
@@ -146,20 +170,7 @@ class Parcae(_LM):
         ids = cfg.layer_ids()
 
         def stage(name, width, heads, kv_heads, hidden):
-            return nnx.List(
-                [
-                    Block(
-                        cfg,
-                        width=width,
-                        heads=heads,
-                        kv_heads=kv_heads,
-                        hidden=hidden,
-                        has_gate=cfg.has_ve_gate(layer_id),
-                        rngs=rngs,
-                    )
-                    for layer_id in ids[name]
-                ]
-            )
+            return _blocks(cfg, ids[name], width, heads, kv_heads, hidden, rngs)
 
         H, Hkv, F = cfg.num_attention_heads, cfg.n_kv_heads, cfg.mlp_hidden
         self.prelude = stage("prelude", d, H, Hkv, F)
@@ -179,25 +190,20 @@ class Parcae(_LM):
         self.ln_f = Norm(d, cfg)
         self.ln_prelude = Norm(d, cfg) if cfg.prelude_norm else None
 
-    # ---- pieces -------------------------------------------------------------------------------
-    def prelude_forward(self, ids, rope) -> Float[Array, "B T D"]:
+    # ---- pieces (the cached decode in kv_cache.py runs these same pieces with cache slots) ---------
+    def prelude_forward(self, ids, rope, layer_kv=None) -> Float[Array, "B T D"]:
+        """Embedding and prelude blocks: the injected input e (after `ln_prelude`)."""
         tables = self.config.ve_tables()["prelude"]
-        x = self._embed(ids)
-        for blk, table in zip(self.prelude, tables, strict=True):
-            x = blk(x, self._ve(ids, table), *rope)
+        x = self._stage(self.prelude, tables, self.embed(ids), ids, rope, layer_kv, remat=False)
         return self.ln_prelude(x) if self.ln_prelude is not None else x
 
-    def coda_forward(self, h, ids, rope) -> Float[Array, "B T V"]:
+    def coda_forward(self, h, ids, rope, layer_kv=None, *, training: bool = False) -> Float[Array, "B T V"]:
+        """C, coda blocks, ln_f and head: logits fp32 from the final recurrent state."""
         cfg = self.config
+        remat = training and cfg.remat and "in-coda" in cfg.activation_checkpoint_impl
         x = self.C(h).astype(jnp.float32)
-        remat_coda = cfg.remat and "in-coda" in cfg.activation_checkpoint_impl
-        for blk, table in zip(self.coda, cfg.ve_tables()["coda"], strict=True):
-            ve = self._ve(ids, table)
-            if remat_coda:
-                x = nnx.remat(lambda b, x, ve: b(x, ve, *rope))(blk, x, ve)
-            else:
-                x = blk(x, ve, *rope)
-        return self._head(self.ln_f(x))
+        x = self._stage(self.coda, cfg.ve_tables()["coda"], x, ids, rope, layer_kv, remat=remat)
+        return self.head(self.ln_f(x))
 
     def initial_state(self, ids, rng=None, initial_state=None):
         shape = (*ids.shape, self.config.d_rec)
@@ -207,24 +213,33 @@ class Parcae(_LM):
             return initial_state.astype(jnp.float32)
         return init_state(jax.random.key(0) if rng is None else rng, self.config, shape)
 
-    def _step_fn(self, ids, e, rope, *, training: bool):
-        """A pure `h -> h'` applying one recurrence (injection, then every core block)."""
+    def recurrence(self, ids, e, rope, *, training: bool):
+        """The one recurrence step, for every caller: returns `(step, args)` with
+        `step(args, h, layer_kv=None) -> h'` pure (injection, then every core block).
+
+        `args` holds the injection and core weights (split once, so loops close over them instead of
+        copying them per step), the loop-invariant half of the injection and the core's value
+        embeddings; the gradient-free prefix passes them stop-gradient'ed. `layer_kv(j)` gives core
+        layer j its cache slot at this step (decoding). Under training, per-block remat applies.
+        """
         cfg = self.config
         graph_a, state_a = nnx.split(self.adapter)
         graph_c, state_c = nnx.split(self.core_block)
-        ves = [self._ve(ids, t) for t in cfg.ve_tables()["core_block"]]
+        ves = [self.value_embedding(ids, t) for t in cfg.ve_tables()["core_block"]]
         e_term = self.adapter.input_term(e)  # loop-invariant half of the injection
         per_block = training and cfg.remat and "per-block" in cfg.activation_checkpoint_impl
         policy = _remat_policy(cfg.activation_checkpoint_impl)
 
-        def step(state_a, state_c, e_term, ves, h):
+        def step(args, h, layer_kv=None):
+            state_a, state_c, e_term, ves = args
             adapter, core = nnx.merge(graph_a, state_a), nnx.merge(graph_c, state_c)
             x = adapter(h, e_term)
-            for blk, ve in zip(core, ves, strict=True):
+            for j, (blk, ve) in enumerate(zip(core, ves, strict=True)):
+                kv = None if layer_kv is None else layer_kv(j)
                 if per_block:
                     x = jax.checkpoint(lambda x, ve, b=blk: b(x, ve, *rope), policy=policy)(x, ve)
                 else:
-                    x = blk(x, ve, *rope)
+                    x = blk(x, ve, *rope, kv=kv)
             return x
 
         return step, (state_a, state_c, e_term, ves)
@@ -244,20 +259,16 @@ class Parcae(_LM):
         changing it does not recompile). h0 is `initial_state`, else drawn from `rng` (default key 0)."""
         cfg = self.config
         num_steps = cfg.mean_recurrence if num_steps is None else num_steps
-        rope = self._rope(ids, positions)
+        rope = self.rope(ids, positions)
         e = self.prelude_forward(ids, rope)
         h0 = self.initial_state(ids, rng, initial_state)
-        step, args = self._step_fn(ids, e, rope, training=False)
-
-        def body(_, carry):
-            h, _ = carry
-            return step(*args, h), h
-
-        h, h_prev = jax.lax.fori_loop(0, num_steps, body, (h0, h0))
-        logits = self.coda_forward(h, ids, rope)
+        step, args = self.recurrence(ids, e, rope, training=False)
+        # A Python-int depth gives a static scan (differentiable); a traced one a while loop.
+        out = recur(lambda r, h, c, run: (step(args, h), c, None), h0, count=num_steps, bound=num_steps)
+        logits = self.coda_forward(out.h, ids, rope)
         if not return_telemetry:
             return logits
-        return logits, self._telemetry(h, h_prev, num_steps, 0)
+        return logits, self._telemetry(out.h, out.h_prev, num_steps, 0)
 
     # ---- training forward ---------------------------------------------------------------------
     def forward_train(
@@ -275,48 +286,29 @@ class Parcae(_LM):
 
         `n_steps`/`k_steps` are int arrays of shape (), (B,) or (B, T) (per-batch/sequence/token). All
         elements run max(n) then `max_grad_steps` masked steps (gradient steps beyond the batch's
-        max(k) are skipped by `lax.cond`), so one compiled program serves every sampled depth. An
-        element whose depth is exhausted keeps its state (per-token: it still serves as key/value).
+        max(k) are skipped), so one compiled program serves every sampled depth (`loop.recur`).
         Returns (logits fp32 [B, T, V], telemetry dict).
         """
         cfg = self.config
-        rope = self._rope(ids, positions)
+        rope = self.rope(ids, positions)
         e = self.prelude_forward(ids, rope)
         h0 = jax.lax.stop_gradient(self.initial_state(ids, rng, initial_state))
-        step, args = self._step_fn(ids, e, rope, training=True)
-
-        def as_mask_source(x):
-            x = jnp.asarray(x, jnp.int32)
-            return x.reshape(x.shape + (1,) * (3 - x.ndim))  # broadcast against [B, T, Dr]
-
-        n_b, k_b = as_mask_source(n_steps), as_mask_source(k_steps)
+        step, args = self.recurrence(ids, e, rope, training=True)
+        n = jnp.asarray(n_steps, jnp.int32)
+        k = jnp.asarray(k_steps, jnp.int32)
 
         # Gradient-free prefix: every input is stop-gradient'ed so autodiff never sees the while loop.
         frozen = _stop_gradient_tree(args)
-
-        def nograd_body(i, h):
-            return jnp.where(i < n_b, step(*frozen, h), h)
-
-        h = jax.lax.stop_gradient(jax.lax.fori_loop(0, jnp.max(n_b), nograd_body, h0))
+        prefix = recur(lambda r, h, c, run: (step(frozen, h), c, None), h0, count=n, bound=jnp.max(n))
+        h = jax.lax.stop_gradient(prefix.h)
 
         grad_step = step
         if cfg.remat and "per-iteration" in cfg.activation_checkpoint_impl:
             grad_step = jax.checkpoint(step, policy=_remat_policy(cfg.activation_checkpoint_impl))
-        k_max_batch = jnp.max(k_b)
-
-        def grad_body(carry, i):
-            h, res = carry
-            h_new = jax.lax.cond(i < k_max_batch, lambda h: grad_step(*args, h), lambda h: h, h)
-            active = i < k_b
-            rel = _rel_residual(h_new, h)
-            res = jnp.where(active[..., 0], jax.lax.stop_gradient(rel), res)
-            return (jnp.where(active, h_new, h), res), None
-
-        res0 = jnp.zeros(h.shape[:2], jnp.float32)
-        (h, res), _ = jax.lax.scan(grad_body, (h, res0), jnp.arange(max_grad_steps))
-        logits = self.coda_forward(h, ids, rope)
-        tel = self._telemetry(h, None, jnp.mean(n_b), jnp.mean(k_b))
-        tel["rel_residual"] = jnp.mean(res)
+        out = recur(lambda r, h, c, run: (grad_step(args, h), c, None), h, count=k, bound=int(max_grad_steps))
+        logits = self.coda_forward(out.h, ids, rope, training=True)
+        tel = self._telemetry(out.h, None, jnp.mean(n), jnp.mean(k))
+        tel["rel_residual"] = jnp.mean(rel_residual(out.h, out.h_prev))
         return logits, tel
 
     def _telemetry(self, h, h_prev, n, k):
@@ -324,16 +316,10 @@ class Parcae(_LM):
         tel = {k_: jax.lax.stop_gradient(v) for k_, v in self.adapter.telemetry().items()}
         tel["state_norm"] = jnp.mean(jnp.linalg.norm(h, axis=-1))
         if h_prev is not None:
-            tel["rel_residual"] = jnp.mean(_rel_residual(h, h_prev))
+            tel["rel_residual"] = jnp.mean(rel_residual(h, h_prev))
         tel["num_steps_no_grad"] = jnp.asarray(n, jnp.float32)
         tel["num_steps_with_grad"] = jnp.asarray(k, jnp.float32)
         return tel
-
-
-def _rel_residual(h_new, h_old):
-    """‖h_t − h_{t−1}‖ / ‖h_t‖ per token."""
-    diff = jnp.linalg.norm(h_new - h_old, axis=-1)
-    return diff / (jnp.linalg.norm(h_new, axis=-1) + 1e-12)
 
 
 class GPT(_LM):
@@ -345,33 +331,16 @@ class GPT(_LM):
         inits.check_strategy(cfg)
         self.config = cfg
         self._init_embeddings(cfg, rngs)
-        self.h = nnx.List(
-            [
-                Block(
-                    cfg,
-                    width=cfg.n_embd,
-                    heads=cfg.num_attention_heads,
-                    kv_heads=cfg.n_kv_heads,
-                    hidden=cfg.mlp_hidden,
-                    has_gate=cfg.has_ve_gate(i),
-                    rngs=rngs,
-                )
-                for i in range(cfg.n_layer)
-            ]
-        )
+        self.h = _blocks(cfg, cfg.layer_ids()["h"], cfg.n_embd, cfg.num_attention_heads, cfg.n_kv_heads,
+                         cfg.mlp_hidden, rngs)
         self.ln_f = Norm(cfg.n_embd, cfg)
 
-    def __call__(self, ids: Int[Array, "B T"], *, positions=None, **unused):
+    def __call__(self, ids: Int[Array, "B T"], *, positions=None, layer_kv=None, **unused):
+        """Logits; `layer_kv(i)` gives layer i its cache slot when decoding (see `Attention`)."""
         cfg = self.config
-        rope = self._rope(ids, positions)
-        x = self._embed(ids)
-        for i, blk in enumerate(self.h):
-            ve = self._ve(ids, i)
-            if cfg.remat:
-                x = nnx.remat(lambda b, x, ve: b(x, ve, *rope))(blk, x, ve)
-            else:
-                x = blk(x, ve, *rope)
-        return self._head(self.ln_f(x))
+        rope = self.rope(ids, positions)
+        x = self._stage(self.h, range(cfg.n_layer), self.embed(ids), ids, rope, layer_kv, remat=cfg.remat)
+        return self.head(self.ln_f(x))
 
     def forward_train(self, ids, n_steps=None, k_steps=None, *, max_grad_steps=0, positions=None, **unused):
         return self(ids, positions=positions), {}

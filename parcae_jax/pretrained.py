@@ -13,7 +13,6 @@ Official folder: `config.json` (with or without `_class_name`) plus one of `mode
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
@@ -23,34 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from parcae_jax import weights
-from parcae_jax.config import CLASS_NAMES, ModelConfig
+from parcae_jax.config import read_folder_config, write_folder_config
 from parcae_jax.model import GPT, Parcae, build_model
 
-NATIVE_FORMAT = "parcae-jax"
 OFFICIAL_WEIGHT_FILES = ("model.pt", "pytorch_model.bin", "model.safetensors", "model.bin")
-
-
-def _official_config(d: dict) -> ModelConfig:
-    d = dict(d)
-    d.pop("init", None)  # written by the official evaluation wrapper, not a config field
-    # An official folder computes in float32 unless asked otherwise, exactly as its converted copy.
-    d.setdefault("compute_dtype", "float32")
-    if "_class_name" not in d:
-        # The official loader would default to GPTConfig here (spec §12.14); infer from the fields.
-        d["_class_name"] = "ParcaeConfig" if "injection_type" in d else "GPTConfig"
-    return ModelConfig.from_dict(d)
-
-
-def read_config(path: str | os.PathLike) -> ModelConfig:
-    path = pathlib.Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: a model folder needs a config.json")
-    with open(cfg_file) as f:
-        d = json.load(f)
-    if d.pop("format", None) == NATIVE_FORMAT:
-        return ModelConfig.from_dict(d)
-    return _official_config(d)
 
 
 def read_official_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -93,7 +68,7 @@ def load_pretrained(path: str | os.PathLike, *, return_extra: bool = False, **ov
     path = pathlib.Path(path).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    cfg = read_config(path)
+    cfg = read_folder_config(path)
     if not is_native(path) and not any((path / n).is_file() for n in OFFICIAL_WEIGHT_FILES):
         raise FileNotFoundError(f"no weights in {path}: expected params/ or one of {OFFICIAL_WEIGHT_FILES}")
     if overrides:
@@ -147,10 +122,7 @@ def save_pretrained(model: Parcae | GPT, path: str | os.PathLike, *, extra=None,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        cfg: ModelConfig = model.config
-        meta = {"format": NATIVE_FORMAT, **cfg.to_dict(), "_class_name": CLASS_NAMES[cfg.arch]}
-        with open(tmp / "config.json", "w") as f:
-            json.dump(meta, f, indent=2)
+        write_folder_config(model.config, tmp, native=True)
         arrays = {_join_path(k): v for k, v in weights.model_arrays(model).items()}
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(tmp / "params", arrays)

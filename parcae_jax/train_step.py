@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from parcae_jax import losses, sharding
 from parcae_jax.config import ModelConfig
-from parcae_jax.model import build_model, init_state
+from parcae_jax.model import build_model, row_states
 from parcae_jax.optim import build_optimizer, optimizer_metrics
 from parcae_jax.recurrence import max_grad_steps, sample_depths
 
@@ -215,8 +215,7 @@ def make_train_step(setup: TrainSetup, train_cfg):
             mb, w, (n, k), seqs, idx = xs
             h0 = positions = None
             if cfg.arch == "parcae":
-                h0 = jax.vmap(lambda i: init_state(jax.random.fold_in(state_key, i), cfg, (T, cfg.d_rec)))
-                h0 = h0(seqs)
+                h0 = row_states(state_key, cfg, seqs, T)
             if cfg.randomize_positions_from is not None:
                 positions = random_positions(cfg, jax.random.fold_in(pos_key, idx), Bm, per_rank, T)
             (_, (nll_mb, tel)), g = grad_fn(params, mb, w, (n, k), h0, positions)
@@ -246,27 +245,6 @@ def make_train_step(setup: TrainSetup, train_cfg):
         in_shardings=(setup.state_shardings, setup.batch_sharding, None),
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=0,
-    )
-
-
-def make_eval_step(setup: TrainSetup):
-    """`eval_step(params, batch, depth, key) -> (nll_sum, tokens)`; `depth` is traced (one program)."""
-    cfg, graphdef = setup.model_cfg, setup.graphdef
-    batch_sharding = NamedSharding(setup.mesh, PartitionSpec(("data", "fsdp"), None))
-
-    def eval_step(params, batch, depth, key):
-        model = nnx.merge(graphdef, params)
-        if cfg.arch == "parcae":
-            logits = model(batch["inputs"], num_steps=depth, rng=key)
-        else:
-            logits = model(batch["inputs"])
-        _, aux = losses.cross_entropy(logits, batch["labels"], mask=batch.get("mask"))
-        return aux["nll_sum"], aux["tokens"]
-
-    return jax.jit(
-        eval_step,
-        in_shardings=(setup.state_shardings["params"], batch_sharding, None, None),
-        out_shardings=NamedSharding(setup.mesh, PartitionSpec()),
     )
 
 

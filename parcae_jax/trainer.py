@@ -17,14 +17,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec
 
 from parcae_jax import checkpointing, flops, sharding, train_step
 from parcae_jax.config import ModelConfig
 from parcae_jax.data import pipeline, shards
+from parcae_jax.evaluation import lm_loss
+from parcae_jax.evaluation.scoring import TokenScorer, graph_apply
 from parcae_jax.metrics import MetricsWriter, Throughput, progress_line
 
 log = logging.getLogger("parcae_jax")
@@ -82,54 +82,46 @@ def _eval_depths(run_cfg) -> list[int | None]:
 
 
 class Evaluator:
-    """Validation loss on the held-out split at several depths, one compiled program (depth traced)."""
+    """Validation loss at several depths: the evaluation package's loss task (`lm_loss.rows_loss`) on
+    the run's `ValidationSet`, so `eval.py` on the workdir reproduces every `val_loss_<d>`. One
+    compiled program (depth traced); h0 by the one rule with the evaluation default key."""
 
     def __init__(self, run_cfg, setup: train_step.TrainSetup, data: DataInfo):
-        self.setup = setup
         self.depths = _eval_depths(run_cfg)
-        self.step_fn = train_step.make_eval_step(setup)
-        self.block_size = int(run_cfg.model.block_size)
-        self.batch_size = setup.global_micro_batch
-        self.max_batches = int(run_cfg.train.eval_iters)
-        self.packing, self.pack_rows = run_cfg.data.packing, train_step.rank_rows(setup)
-        self.dataset_dir = data.dataset_dir
-        self.has_val = "val" in data.metadata["splits"] and data.metadata["splits"]["val"]["tokens"] > 0
-        self.sharding = NamedSharding(setup.mesh, PartitionSpec(("data", "fsdp"), None))
-        self.key = jax.random.key(int(run_cfg.train.seed) + 1)  # fixed: comparable across steps
+        block = int(run_cfg.model.block_size)
+        self.validation = lm_loss.ValidationSet(
+            dataset_dir=data.dataset_dir,
+            block_size=block,
+            packing=run_cfg.data.packing,
+            batch_rows=setup.global_micro_batch,
+            pack_rows=train_step.rank_rows(setup),
+            max_batches=int(run_cfg.train.eval_iters),
+        )
+        has_val = "val" in data.metadata["splits"] and data.metadata["splits"]["val"]["tokens"] > 0
+        self.rows = self.validation.rows() if has_val else []
+        self.scorer = TokenScorer(graph_apply(setup.graphdef, setup.model_cfg), None, max_len=block,
+                                  batch_size=setup.global_micro_batch, mesh=setup.mesh, buckets=[block])
+        self.key = lm_loss.state_keys(lm_loss.VALIDATION_SEED)[0]
 
     def __call__(self, params) -> dict[str, float]:
-        if not self.has_val:
+        if not self.rows:
             return {}
-        totals = {d: [0.0, 0.0] for d in self.depths}
-        batches = pipeline.eval_batches(
-            self.dataset_dir,
-            split="val",
-            block_size=self.block_size,
-            batch_size=self.batch_size,
-            max_batches=self.max_batches,
-            packing=self.packing,
-            pack_rows=self.pack_rows,
-        )
-        for local in batches:
-            batch = pipeline.global_batch(local, self.sharding, batch_axis=0)
-            for depth in self.depths:
-                nll, tokens = self.step_fn(params, batch, jnp.int32(depth or 0), self.key)
-                totals[depth][0] += float(nll)
-                totals[depth][1] += float(tokens)
+        self.scorer.state = params  # already placed on the training mesh
         out = {}
-        for depth, (nll, tokens) in totals.items():
-            name = "val_loss" if depth is None else f"val_loss_{depth}"
-            out[name] = nll / max(tokens, 1.0)
+        for depth in self.depths:
+            metrics = lm_loss.rows_loss(self.scorer, self.rows, None, depth=depth or 0, key=self.key)
+            out["val_loss" if depth is None else f"val_loss_{depth}"] = metrics["val_loss"]
         return out
 
 
-def _run_meta(run_cfg, setup, step: int, counters: dict) -> dict:
+def _run_meta(run_cfg, setup, step: int, counters: dict, validation) -> dict:
     return {
         "format": "parcae-jax-train-checkpoint",
         "step": step,
         "model": setup.model_cfg.to_dict(),
         "config": run_cfg.to_dict(),
         "seed": int(run_cfg.train.seed),
+        "validation": validation.to_dict(),  # the rows val_loss is computed on (eval.py rebuilds them)
         **counters,
     }
 
@@ -245,7 +237,8 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
     pending_real = []  # per-step real-token counts (device scalars), summed when a row is logged
 
     def save(step):
-        checkpointer.save(step, state, batches.get_state(), _run_meta(run_cfg, setup, step, counters))
+        checkpointer.save(step, state, batches.get_state(), _run_meta(run_cfg, setup, step, counters,
+                                                                                evaluator.validation))
 
     step = start
     try:

@@ -22,10 +22,10 @@ from parcae_jax import sharding
 from parcae_jax.evaluation import core, lambada, lm_loss
 from parcae_jax.evaluation.bundle import CORE_LABELS, Bundle, TaskSpec
 from parcae_jax.evaluation.depth_sweep import run_depth_sweep
-from parcae_jax.evaluation.runner import CheckpointPathError, load_checkpoint
 from parcae_jax.evaluation.sample import NoCacheSampler
 from parcae_jax.evaluation.scoring import TokenScorer, next_token_rows
 from parcae_jax.evaluation.testtime_law import fit_test_time_law, saturating_law
+from parcae_jax.loading import CheckpointPathError, load_model
 from parcae_jax.model import build_model, init_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -351,27 +351,27 @@ def test_eval_runner_writes_the_results_document(tiny_model, tmp_path):
     assert len(core_doc["depths"]["4"]["tasks"]["copa"]["runs"]) == 2  # one run per state seed
     assert doc["tasks"]["lambada"]["num_examples"] == 2
     assert doc["tasks"]["sample"]["samples"][0]["prompt"] == "the cat"
-    has_cache = importlib.util.find_spec("parcae_jax.generate") is not None
+    has_cache = importlib.util.find_spec("parcae_jax.engine") is not None
     assert doc["tasks"]["sample"]["generator"] == ("kv_cache" if has_cache else "no_cache")
     assert doc["compiled_programs"] == 1  # one bucket (block_size 32) for every task and depth
 
 
 def test_bad_checkpoint_paths(tmp_path):
     with pytest.raises(CheckpointPathError, match="does not exist"):
-        load_checkpoint(str(tmp_path / "nope"))
+        load_model(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointPathError, match="is not a checkpoint: expected a training workdir"):
-        load_checkpoint(str(tmp_path / "empty"))
+        load_model(str(tmp_path / "empty"))
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="holds no finished checkpoint"):
-        load_checkpoint(str(tmp_path / "run"))
+        load_model(str(tmp_path / "run"))
     (tmp_path / "run" / "checkpoints" / "5").mkdir()
     with pytest.raises(CheckpointPathError, match="is step 5 but step=6"):
-        load_checkpoint(str(tmp_path / "run" / "checkpoints" / "5"), step=6)
+        load_model(str(tmp_path / "run" / "checkpoints" / "5"), step=6)
     (tmp_path / "weightless").mkdir()
     (tmp_path / "weightless" / "config.json").write_text(json.dumps(tiny_parcae().to_dict()))
     with pytest.raises(FileNotFoundError, match="no weights"):
-        load_checkpoint(str(tmp_path / "weightless"))
+        load_model(str(tmp_path / "weightless"))
 
 
 def test_eval_cli_reports_errors(tmp_path):

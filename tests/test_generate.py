@@ -13,10 +13,11 @@ import pytest
 from flax import nnx
 from helpers import tiny_parcae, write_token_dataset
 
-from parcae_jax import depth_report, kv_cache, losses, presets
-from parcae_jax import generate as gen
+from parcae_jax import depth_report, engine, kv_cache, loading, losses, presets
+from parcae_jax import generate as cli
 from parcae_jax.config import ModelConfig
 from parcae_jax.model import build_model, init_state
+from parcae_jax.sampling import Sampling, sample_tokens
 
 PROMPTS = [[1, 5, 9, 3, 22, 40, 7], [1, 17, 2]]  # different lengths: right-padded, per-row positions
 NEW = 8
@@ -99,20 +100,20 @@ def test_greedy_parcae_with_cache_equals_no_cache_recomputation():
     model = parcae_model()
     compiled = []
     for depth in (1, 3, MAX_DEPTH):
-        result = gen.generate(model, PROMPTS, max_new_tokens=NEW, num_steps=depth, max_depth=MAX_DEPTH,
-                              sampling=gen.Sampling(temperature=0.0), key=3)
-        compiled.append((gen._prefill._cache_size(), gen._decode_loop._cache_size()))
+        result = engine.generate(model, PROMPTS, max_new_tokens=NEW, num_steps=depth, max_depth=MAX_DEPTH,
+                              sampling=Sampling(temperature=0.0), key=3)
+        compiled.append((engine._prefill._cache_size(), engine._decode_loop._cache_size()))
         expected = recompute_greedy(model, PROMPTS, result.initial_state, depth, result.plan.max_len)
         assert result.tokens == expected, depth
         assert result.depths == [[depth] * NEW] * 2
     assert compiled[0] == compiled[-1]  # the depth is a runtime value: no recompilation
-    assert result.tokens != gen.generate(model, PROMPTS, max_new_tokens=NEW, num_steps=1, max_depth=MAX_DEPTH,
-                                         sampling=gen.Sampling(temperature=0.0), key=3).tokens
+    assert result.tokens != engine.generate(model, PROMPTS, max_new_tokens=NEW, num_steps=1,
+                                            max_depth=MAX_DEPTH, sampling=Sampling(0.0), key=3).tokens
 
 
 def test_greedy_gpt_with_cache_equals_no_cache_recomputation():
     model = gpt_model()  # GQA (1 kv head) on this one
-    result = gen.generate(model, PROMPTS, max_new_tokens=NEW, sampling=gen.Sampling(temperature=0.0))
+    result = engine.generate(model, PROMPTS, max_new_tokens=NEW, sampling=Sampling(temperature=0.0))
     assert result.initial_state is None
     assert result.tokens == recompute_greedy(model, PROMPTS, None, None, result.plan.max_len)
 
@@ -126,16 +127,16 @@ def test_sampling_rules():
     logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
     greedy = jnp.argmax(logits, -1)
     key = jax.random.key(1)
-    np.testing.assert_array_equal(gen.sample_tokens(logits, key, gen.Sampling(temperature=0.0)), greedy)
-    np.testing.assert_array_equal(gen.sample_tokens(logits, key, gen.Sampling(top_k=1)), greedy)
-    np.testing.assert_array_equal(gen.sample_tokens(logits, key, gen.Sampling(top_p=1e-6)), greedy)
+    np.testing.assert_array_equal(sample_tokens(logits, key, Sampling(temperature=0.0)), greedy)
+    np.testing.assert_array_equal(sample_tokens(logits, key, Sampling(top_k=1)), greedy)
+    np.testing.assert_array_equal(sample_tokens(logits, key, Sampling(top_p=1e-6)), greedy)
     keys = jax.random.split(key, 400)
-    draws = jax.vmap(lambda k: gen.sample_tokens(logits, k, gen.Sampling(top_k=3)))(keys)
+    draws = jax.vmap(lambda k: sample_tokens(logits, k, Sampling(top_k=3)))(keys)
     top3 = jax.lax.top_k(logits, 3)[1]
     assert all(set(np.asarray(draws[:, b])) == set(np.asarray(top3[b])) for b in range(4))
     # Nucleus: the smallest set of most likely tokens whose mass reaches top_p.
     probs = np.asarray(jax.nn.softmax(logits, -1))
-    draws = jax.vmap(lambda k: gen.sample_tokens(logits, k, gen.Sampling(top_p=0.7)))(keys)
+    draws = jax.vmap(lambda k: sample_tokens(logits, k, Sampling(top_p=0.7)))(keys)
     for b in range(4):
         order = np.argsort(-probs[b])
         n = int(np.searchsorted(np.cumsum(probs[b][order]), 0.7)) + 1
@@ -145,8 +146,8 @@ def test_sampling_rules():
 def test_streaming_equals_single_loop_and_stop_tokens_are_per_row():
     model = parcae_model()
     kw = dict(max_new_tokens=NEW, num_steps=3, max_depth=MAX_DEPTH, key=5,
-              sampling=gen.Sampling(temperature=0.9, top_k=20, top_p=0.95))
-    free = gen.generate(model, PROMPTS, **kw)
+              sampling=Sampling(temperature=0.9, top_k=20, top_p=0.95))
+    free = engine.generate(model, PROMPTS, **kw)
     assert all(len(t) == NEW and all(0 <= x < model.config.vocab_size for x in t) for t in free.tokens)
     stop = free.tokens[0][2]
     cut = free.tokens[0].index(stop) + 1
@@ -155,9 +156,9 @@ def test_streaming_equals_single_loop_and_stop_tokens_are_per_row():
     def on_token(t, tok, done):
         seen.append((t, tok.tolist(), done.tolist()))
 
-    stopped = gen.generate(model, PROMPTS, stop_tokens=[[stop], []], on_token=on_token, **kw)
+    stopped = engine.generate(model, PROMPTS, stop_tokens=[[stop], []], on_token=on_token, **kw)
     assert stopped.tokens == [free.tokens[0][:cut], free.tokens[1]]
-    assert stopped.tokens == gen.generate(model, PROMPTS, stop_tokens=[[stop], []], **kw).tokens
+    assert stopped.tokens == engine.generate(model, PROMPTS, stop_tokens=[[stop], []], **kw).tokens
     assert [t for t, _, _ in seen] == list(range(NEW))
     assert [tok[1] for _, tok, _ in seen] == free.tokens[1]
     assert [tok[0] for _, tok, _ in seen] == free.tokens[0][:cut] + [-1] * (NEW - cut)
@@ -273,11 +274,11 @@ def test_depth_report_eps_zero_is_fixed_depth_and_huge_eps_is_depth_one():
 
 def test_generation_with_exit_eps_zero_equals_fixed_depth():
     model = parcae_model()
-    kw = dict(max_new_tokens=NEW, num_steps=MAX_DEPTH, max_depth=MAX_DEPTH, sampling=gen.Sampling(0.0), key=3)
-    fixed = gen.generate(model, PROMPTS, **kw)
-    adaptive = gen.generate(model, PROMPTS, exit_eps=0.0, **kw)
+    kw = dict(max_new_tokens=NEW, num_steps=MAX_DEPTH, max_depth=MAX_DEPTH, sampling=Sampling(0.0), key=3)
+    fixed = engine.generate(model, PROMPTS, **kw)
+    adaptive = engine.generate(model, PROMPTS, exit_eps=0.0, **kw)
     assert adaptive.tokens == fixed.tokens and adaptive.depths == fixed.depths
-    early = gen.generate(model, PROMPTS, exit_eps=1e9, **kw)
+    early = engine.generate(model, PROMPTS, exit_eps=1e9, **kw)
     assert early.mean_depth == 1.0 and early.prompt_depths == [[1] * len(p) for p in PROMPTS]
 
 
@@ -334,8 +335,8 @@ def test_cache_budget_at_least_the_depth_equals_the_full_cache():
 
 def test_generation_with_a_cache_budget_runs_and_bounds_the_core_cache():
     model = parcae_model()
-    result = gen.generate(model, PROMPTS, max_new_tokens=NEW, num_steps=MAX_DEPTH, cache_budget=2,
-                          sampling=gen.Sampling(0.0), key=3)
+    result = engine.generate(model, PROMPTS, max_new_tokens=NEW, num_steps=MAX_DEPTH, cache_budget=2,
+                          sampling=Sampling(0.0), key=3)
     assert result.plan.lookup == "compress-s2"
     core = kv_cache.init_cache(model.config, 2, result.plan)["core"][0]
     assert core.shape[0] == 2 * model.config.n_core  # instead of MAX_DEPTH * n_core
@@ -358,9 +359,9 @@ def test_cli_generates_from_a_saved_model_and_prints_the_depth_report(tmp_path, 
     model_dir = tmp_path / "model"
     save_pretrained(perturbed(build_model(tiny_parcae(vocab_size=320), seed=1)), model_dir)
     train_tokenizer([str(corpus)], 320, str(model_dir / "tokenizer"), log=lambda *_: None)
-    assert gen.find_tokenizer(str(model_dir)) == str(model_dir / "tokenizer")
+    assert loading.find_tokenizer(loading.load_model(model_dir)) == str(model_dir / "tokenizer")
 
-    assert gen.main(["--model", str(model_dir), "--prompt", "the quick", "--temperature", "0",
+    assert cli.main(["--model", str(model_dir), "--prompt", "the quick", "--temperature", "0",
                      "--max-new-tokens", "5", "--num-steps", "2", "--exit-eps", "1e-3"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("the quick") and len(out) > len("the quick\n")
@@ -368,7 +369,7 @@ def test_cli_generates_from_a_saved_model_and_prints_the_depth_report(tmp_path, 
 
     data = write_token_dataset(tmp_path / "data", vocab_size=320, docs=20, val_docs=6)
     args = "--eps 0,1e9 --num-steps 3 --block-size 16 --batch-size 2 --max-batches 1".split()
-    assert gen.main(["report", "--model", str(model_dir), "--data", data, *args]) == 0
+    assert cli.main(["report", "--model", str(model_dir), "--data", data, *args]) == 0
     out, _ = capsys.readouterr()
     lines = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(lines) == 4  # header + fixed + two eps

@@ -41,10 +41,10 @@ def ids_and_h0(model, seed=0):
 @functools.partial(nnx.jit, static_argnames="steps")
 def unrolled_logits(model, ids, h0, steps):
     """Reference: the recurrence as a plain Python loop over the modules (no scan, no split)."""
-    rope = model._rope(ids, None)
+    rope = model.rope(ids)
     e = model.prelude_forward(ids, rope)
     e_term = model.adapter.input_term(e)
-    ves = [model._ve(ids, t) for t in model.config.ve_tables()["core_block"]]
+    ves = [model.value_embedding(ids, t) for t in model.config.ve_tables()["core_block"]]
     h = h0
     for _ in range(steps):
         x = model.adapter(h, e_term)
@@ -121,11 +121,11 @@ def test_gradients_stop_exactly_at_the_no_grad_boundary():
     labels = jnp.roll(ids, -1, axis=1)
     n, k = 3, 2
     full = _grads(model, ids, labels, h0, jnp.full((B,), n), jnp.full((B,), k), k)
-    rope = model._rope(ids, None)
-    step, args = model._step_fn(ids, model.prelude_forward(ids, rope), rope, training=False)
+    rope = model.rope(ids)
+    step, args = model.recurrence(ids, model.prelude_forward(ids, rope), rope, training=False)
     h_n = h0
     for _ in range(n):
-        h_n = step(*args, h_n)
+        h_n = step(args, h_n)
     ref = _grads(model, ids, labels, jax.lax.stop_gradient(h_n), jnp.zeros((B,), int), jnp.full((B,), k), k)
     for (p, a), (_, b) in zip(nnx.to_flat_state(full), nnx.to_flat_state(ref), strict=True):
         np.testing.assert_allclose(a[...], b[...], atol=1e-6, rtol=1e-4, err_msg=str(p))

@@ -63,7 +63,7 @@ def test_gpt_baseline_evaluates_generates_converts_and_benchmarks(dataset, workd
     if "gpt_140m" not in workdirs:
         pytest.skip("needs test_released_config_trains[gpt_140m]")
     workdir = workdirs["gpt_140m"]
-    from parcae_jax import convert, generate
+    from parcae_jax import convert, engine, loading
     from parcae_jax.bench import generate as bench_generate
     from parcae_jax.evaluation import runner
 
@@ -72,8 +72,8 @@ def test_gpt_baseline_evaluates_generates_converts_and_benchmarks(dataset, workd
     (by_depth,) = results["tasks"]["loss"]["depths"].values()
     assert results["checkpoint"]["arch"] == "gpt" and np.isfinite(by_depth["val_loss"])
 
-    model = generate.load_model(workdir)
-    out = generate.generate(model, [[5, 6, 7]], max_new_tokens=4)
+    model = loading.load_model(workdir).model
+    out = engine.generate(model, [[5, 6, 7]], max_new_tokens=4)
     assert len(out.tokens[0]) == 4
 
     exported = convert.to_torch(workdir, tmp_path / "torch")

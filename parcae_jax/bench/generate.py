@@ -23,9 +23,10 @@ import numpy as np
 from parcae_jax import flops
 from parcae_jax.cli_config import load_config, split_config_args
 from parcae_jax.config import ModelConfig
-from parcae_jax.generate import Sampling, generate
+from parcae_jax.engine import generate
 from parcae_jax.kv_cache import cache_bytes, init_cache
 from parcae_jax.model import build_model
+from parcae_jax.sampling import Sampling
 
 
 def bench(model, *, batch: int, prompt_len: int, new_tokens: int, depths: list[int], repeats: int,

@@ -323,12 +323,18 @@ def _progress_bar(source: str, skipped: int, enabled: bool):
 # ---------------------------------------------------------------------------------------------------
 
 
-def ensure_shakespeare_dataset(cache_dir: str, vocab_size: int, log=print) -> tuple[str, str]:
-    """(dataset_dir, tokenizer_dir) of the Shakespeare corpus at `vocab_size`, built on first use under
-    `cache_dir/shakespeare-v{vocab_size}/{data,tokenizer}` and reused afterwards. Concurrent callers
-    (e.g. several processes of one run) serialise on a file lock; the first builds, the others reuse."""
+def shakespeare_dirs(cache_dir: str, vocab_size: int) -> tuple[str, str]:
+    """(dataset_dir, tokenizer_dir) of the Shakespeare corpus at `vocab_size`, built or not:
+    `cache_dir/shakespeare-v{vocab_size}/{data,tokenizer}`."""
     root = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), f"shakespeare-v{vocab_size}")
-    data_dir, tokenizer_dir = os.path.join(root, "data"), os.path.join(root, "tokenizer")
+    return os.path.join(root, "data"), os.path.join(root, "tokenizer")
+
+
+def ensure_shakespeare_dataset(cache_dir: str, vocab_size: int, log=print) -> tuple[str, str]:
+    """`shakespeare_dirs`, built on first use and reused afterwards. Concurrent callers (e.g. several
+    processes of one run) serialise on a file lock; the first builds, the others reuse."""
+    data_dir, tokenizer_dir = shakespeare_dirs(cache_dir, vocab_size)
+    root = os.path.dirname(data_dir)
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies

@@ -31,18 +31,17 @@ class ParcaeLM(LM):
     def __init__(self, checkpoint: str | None = None, tokenizer=None, num_steps: int | None = None,
                  batch_size: int = 16, seed: int = 0, *, model=None, scorer=None):
         super().__init__()
+        from parcae_jax import loading
         from parcae_jax.data.tokenizer import load_tokenizer
-        from parcae_jax.evaluation.runner import load_checkpoint, resolve_tokenizer
         from parcae_jax.evaluation.scoring import TokenScorer
 
-        ckpt = None
         if checkpoint is not None:
-            ckpt = load_checkpoint(checkpoint)
-            model = ckpt.model
+            loaded = loading.load_model(checkpoint)
+            model = loaded.model
+            if tokenizer is None:
+                tokenizer = loading.find_tokenizer(loaded)
         if isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer)
-        elif tokenizer is None and ckpt is not None:
-            tokenizer = resolve_tokenizer(ckpt, None)
         if tokenizer is None:
             raise ValueError("ParcaeLM needs a tokenizer (a path or a Tokenizer)")
         if scorer is None:

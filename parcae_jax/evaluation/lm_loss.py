@@ -1,8 +1,11 @@
 """Held-out loss, perplexity and bits per byte (PARCAE_SPEC §9.3).
 
-Two sources of rows:
-* a prepared token-shard folder (`shard_rows`): the split's `bos` rows of `block_size + 1` tokens,
-  exactly the rows the trainer validates on (documents back to back, BOS at each start);
+Three sources of rows:
+* a training run's validation set (`ValidationSet`, recorded in every checkpoint): the rows the
+  trainer validates on, packed by the training collator. The trainer's `val_loss_<d>` IS this task
+  (`trainer.Evaluator` calls `rows_loss`), so `eval.py` on a workdir reproduces it;
+* a prepared token-shard folder (`shard_rows`): the split's `bos` rows of `block_size + 1` tokens
+  (documents back to back, BOS at each start);
 * raw text (`document_rows`, "parquet:GLOB" / "jsonl:GLOB" / "text:GLOB"): the official BPB rule,
   each document alone, tokenised without BOS, cut to its first `block_size + 1` tokens.
 
@@ -14,6 +17,7 @@ over every target (BOS included), the number the trainer logs.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -24,6 +28,49 @@ import numpy as np
 from parcae_jax.evaluation.scoring import TokenScorer
 
 COUNTS = ("targets", "tokens", "bytes")
+# Initial states of evaluation: state seed i of `seed` is fold_in(key(seed), i), and row r draws
+# h0 from fold_in(that key, r) (`model.row_states`). Validation during training uses seed 0, index 0:
+# the same noise for every run and step, and eval.py's default.
+VALIDATION_SEED = 0
+
+
+def state_keys(seed: int, count: int = 1) -> list[jax.Array]:
+    """The `count` initial-state keys of `seed` (see `VALIDATION_SEED`)."""
+    base = jax.random.key(int(seed))
+    return [jax.random.fold_in(base, i) for i in range(max(1, int(count)))]
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationSet:
+    """A training run's held-out rows: `max_batches` global batches of `batch_rows` rows of the split,
+    packed as the training collator packs (`packing`, `pack_rows` rows per device). Recorded in each
+    checkpoint's metadata (`to_dict`) so evaluation can rebuild exactly the trainer's rows."""
+
+    dataset_dir: str
+    block_size: int
+    packing: str
+    batch_rows: int
+    pack_rows: int
+    max_batches: int
+    split: str = "val"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ValidationSet:
+        return cls(**d)
+
+    def rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every row in stream order (row index = h0 uid); every host reads all of them."""
+        from parcae_jax.data import pipeline
+
+        batches = pipeline.eval_batches(self.dataset_dir, split=self.split, block_size=self.block_size,
+                                        batch_size=self.batch_rows, max_batches=self.max_batches,
+                                        packing=self.packing, pack_rows=self.pack_rows,
+                                        process_index=0, process_count=1)
+        return [(inputs, labels) for b in batches for inputs, labels in zip(b["inputs"], b["labels"],
+                                                                           strict=True)]
 
 
 def shard_rows(dataset_dir: str, *, split: str = "val", block_size: int, max_rows: int = -1

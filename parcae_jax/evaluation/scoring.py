@@ -10,8 +10,8 @@ returns, per row, the cross-entropy of each target and the argmax prediction at 
 * The batch axis is sharded over the mesh's ("data", "fsdp") axes (`jax.make_array_from_callback`
   serves each device its rows of the host batch, on any number of hosts); results come back
   replicated, so every host sees every row's scores.
-* Determinism: a Parcae row's initial recurrent state is drawn from `fold_in(key, uid)` at a fixed
-  length and sliced to the bucket, so a token's noise depends only on (key, row id, position), never
+* Determinism: a Parcae row's initial recurrent state is drawn from `fold_in(key, uid)` by the one
+  h0 rule (`model.row_states`), so a token's noise depends only on (key, row id, position), never
   on batch size, bucket, mesh or host count. The official evaluation instead draws fresh noise on
   every call (PARCAE_SPEC §2.5), which makes repeated evaluations differ.
 """
@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from parcae_jax import sharding
-from parcae_jax.model import init_state
+from parcae_jax import losses, sharding
+from parcae_jax.model import row_states
 
 # A row to score: (inputs int[L], targets int[L]); target t is what position t should predict.
 Row = tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]
@@ -48,26 +48,24 @@ def bucket_lengths(max_len: int, min_bucket: int = MIN_BUCKET) -> list[int]:
     return out + [max_len]
 
 
-def model_apply(model: nnx.Module, noise_len: int | None = None) -> tuple[ApplyFn, Any]:
-    """(apply, state) for a Parcae/GPT model. Parcae rows get h0 from `fold_in(key, uid)`, drawn at
-    length `noise_len` (default: the longest input the model takes) and cut to the batch's length."""
-    cfg = model.config
-    graphdef, state = nnx.split(model)
-    noise_len = int(noise_len or cfg.rope_table_length)
+def graph_apply(graphdef, cfg) -> ApplyFn:
+    """`apply` for a model split into `graphdef` + state. Parcae rows draw h0 by the one rule
+    (`model.row_states`: row uid u from `fold_in(key, u)`), so a token's noise depends only on
+    (key, uid, position)."""
 
     def apply(state, ids, depth, key, uids):
         m = nnx.merge(graphdef, state)
         if cfg.arch != "parcae":
             return m(ids)
-        T = ids.shape[1]
+        return m(ids, num_steps=depth, initial_state=row_states(key, cfg, uids, ids.shape[1]))
 
-        def row_state(uid):
-            return init_state(jax.random.fold_in(key, uid), cfg, (noise_len, cfg.d_rec))[:T]
+    return apply
 
-        h0 = jax.vmap(row_state)(uids)
-        return m(ids, num_steps=depth, initial_state=h0)
 
-    return apply, state
+def model_apply(model: nnx.Module) -> tuple[ApplyFn, Any]:
+    """(apply, state) for a Parcae/GPT model."""
+    graphdef, state = nnx.split(model)
+    return graph_apply(graphdef, model.config), state
 
 
 def logits_fn_apply(logits_fn: Callable[[jax.Array], jax.Array]) -> tuple[ApplyFn, Any]:
@@ -77,11 +75,7 @@ def logits_fn_apply(logits_fn: Callable[[jax.Array], jax.Array]) -> tuple[ApplyF
 
 def _token_stats(logits, targets):
     """CE of each target (targets < 0 score 0) and the argmax prediction, per position: [B, T] each."""
-    logits = logits.astype(jnp.float32)
-    safe = jnp.maximum(targets, 0)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    ce = jnp.where(targets >= 0, lse - picked, 0.0)
+    ce, _ = losses.token_losses(logits, targets)
     return ce, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 

@@ -28,7 +28,7 @@ def depth_sweep(workdir: str, depths: list[int], *, batches: int | None, batch_s
     from etils import epath
     from flax import nnx
 
-    from parcae_jax import checkpointing, losses
+    from parcae_jax import loading, losses
     from parcae_jax.data import pipeline
     from parcae_jax.trainer import resolve_data
 
@@ -36,7 +36,7 @@ def depth_sweep(workdir: str, depths: list[int], *, batches: int | None, batch_s
     if run_cfg.model.arch != "parcae":
         raise ValueError(f"{workdir}: a depth sweep needs a Parcae model, got arch={run_cfg.model.arch!r}")
     data = resolve_data(run_cfg)
-    model = checkpointing.load_model_from_workdir(workdir)
+    model = loading.load_model(workdir).model
     graphdef, params = nnx.split(model)
     key = jax.random.key(int(run_cfg.train.seed) + 1)  # the trainer's evaluation key
 
