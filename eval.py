@@ -1,51 +1,13 @@
-"""Evaluate a checkpoint: held-out loss/BPB, test-time depth sweep, CORE, LAMBADA, samples.
+"""Evaluate a checkpoint from a checkout: the same as `python -m parcae_jax.eval`.
 
-    python eval.py --config configs/eval.py:loss,depth_sweep,core --config.checkpoint=runs/tiny \\
-        --config.bundle_dir=PATH/eval_bundle --config.max_per_task=100 --config.output=runs/tiny/eval.json
+    python eval.py --config configs/eval.py:loss,depth_sweep,core --config.checkpoint=runs/tiny
 
-`--config.checkpoint` is a training workdir (latest step, or --config.step=N), a step folder
-WORKDIR/checkpoints/N, a parcae-jax pretrained folder or an official PyTorch folder (converted on the
-fly). Results are printed as tables and, with --config.output, written as one JSON document (the depth
-sweep's PNG goes next to it). Multi-process runs initialise `jax.distributed` as train.py does.
+See `parcae_jax/eval.py` for the options.
 """
 
-from __future__ import annotations
-
-import logging
 import sys
-import warnings
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from parcae_jax.launch import check_config_argv, multi_host_environment
-
-config_flags.DEFINE_config_file("config", None, "Eval config: configs/eval.py:TASK[,TASK...]",
-                                lock_config=True)
-flags.mark_flags_as_required(["config"])
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    # Restoring a training checkpoint onto one device for evaluation is intended, not a topology mistake.
-    warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
-    import jax
-
-    if multi_host_environment():
-        jax.distributed.initialize()  # before anything touches a device
-    from parcae_jax.evaluation import runner
-    from parcae_jax.evaluation.bundle import BundleError
-
-    log = print if jax.process_index() == 0 else (lambda *a, **k: None)
-    try:
-        runner.run(FLAGS.config, log=log)
-    except (BundleError, ValueError, FileNotFoundError) as e:  # CheckpointPathError is a FileNotFoundError
-        sys.exit(f"error: {e}")
-
+from parcae_jax.eval import main
 
 if __name__ == "__main__":
-    check_config_argv(sys.argv)
-    app.run(main)
+    main(sys.argv)

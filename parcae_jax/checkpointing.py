@@ -12,7 +12,6 @@ current run (shapes, dtypes and shardings), so a checkpoint written on one mesh 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from parcae_jax import fileio
 from parcae_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ _SHAPE_FIELDS = (
     "tie_embeddings",
     "bias",
     "qk_norm",
-    "value_embeddings",
 )
 
 
@@ -99,7 +98,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {}),
-            meta=ocp.args.JsonSave(_jsonable(meta)),
+            meta=ocp.args.JsonSave(fileio.to_jsonable(meta)),
         )
         return bool(self.manager.save(step, args=args, force=force))
 
@@ -149,19 +148,6 @@ def check_compatible(meta: dict, model_cfg: ModelConfig, where: str) -> None:
             f"{where} was written by an incompatible model config ({'; '.join(diffs)}); resume with "
             "the original config (see its meta/ folder) or start a new --workdir"
         )
-
-
-def _jsonable(obj: Any) -> Any:
-    """Config dicts hold tuples, numpy scalars and FieldReferences' values: make them plain JSON."""
-    return json.loads(json.dumps(obj, default=_default))
-
-
-def _default(x):
-    if isinstance(x, np.generic | np.ndarray | jax.Array):
-        return np.asarray(x).tolist()
-    if isinstance(x, tuple | set):
-        return list(x)
-    return str(x)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,16 @@ from __future__ import annotations
 import os
 import sys
 
+from absl import flags
+from ml_collections import config_flags
+
+
+def define_config_flag() -> None:
+    """`--config FILE[:ARG]` (a locked ml_collections config). Training and evaluation both take it:
+    defined once, so both entry points can live in one process (tests, notebooks)."""
+    if "config" not in flags.FLAGS:
+        config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:ARG]).", lock_config=True)
+
 
 def check_config_argv(argv: list[str]) -> list[str]:
     """Check every `--config.x=y` of a command line against its config file before absl parses it, so a

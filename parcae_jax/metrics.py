@@ -1,8 +1,12 @@
 """Run metrics: the progress line, `WORKDIR/metrics.jsonl`, TensorBoard events, optional W&B.
 
-Only process 0 writes (every process computes the same global scalars). `metrics.jsonl` is appended
-line by line and flushed, so a killed run keeps everything it logged; a resumed run drops lines of
-steps after the checkpoint it restarted from, so the file never holds two histories.
+Only process 0 writes (every process computes the same global scalars). On local disk `metrics.jsonl`
+is appended line by line and flushed, so a killed run keeps everything it logged. Object stores
+(gs://) cannot append: there the file is rewritten whole, at most every UPLOAD_EVERY_S seconds and
+on `flush` (the trainer flushes before each checkpoint) and `close`, so a long run makes few uploads
+and a killed one loses only rows after its last checkpoint, which a resume drops anyway. A resumed
+run drops lines of steps after the checkpoint it restarted from, so the file never holds two
+histories.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from typing import Any
 
 import jax
 import numpy as np
-from etils import epath
+
+from parcae_jax import fileio
+from parcae_jax.data import shards
 
 log = logging.getLogger("parcae_jax")
 
 METRICS_FILE = "metrics.jsonl"
+UPLOAD_EVERY_S = 60.0
 
 
 def to_python(value: Any) -> Any:
@@ -70,14 +77,12 @@ def progress_line(row: dict[str, Any], max_steps: int) -> str:
 class MetricsWriter:
     def __init__(self, workdir: str, *, resume_step: int = 0, wandb_cfg: dict | None = None, config=None):
         self.enabled = jax.process_index() == 0
-        self.path = epath.Path(workdir) / METRICS_FILE
-        # Object stores (gs://) cannot append: there the whole (small) file is rewritten per write.
-        self.remote = self._is_remote(workdir)
+        self.path = shards.join(str(workdir), METRICS_FILE)
+        self.remote = fileio.is_remote(workdir)
         self._tb = None
         self._wandb = None
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lines = self._lines_up_to(resume_step)
         self._write_all()
         self._file = None if self.remote else open(self.path, "a")
@@ -88,7 +93,7 @@ class MetricsWriter:
             local_tb = os.path.expanduser("~/.cache/parcae_jax/tensorboard")
             tb_dir = os.path.join(workdir, "tensorboard")
             if self.remote:
-                tb_dir = os.path.join(local_tb, self.path.parent.name)
+                tb_dir = os.path.join(local_tb, str(workdir).rstrip("/").rpartition("/")[2])
             self._tb = SummaryWriter(tb_dir)
         except ImportError:  # tensorboardX is a core dependency, but keep running without it
             log.warning("tensorboardX not installed: no TensorBoard events")
@@ -99,16 +104,12 @@ class MetricsWriter:
                 raise ImportError("train.wandb=True needs `pip install wandb`") from e
             self._wandb = wandb.init(**wandb_cfg, config=config, resume="allow")
 
-    @staticmethod
-    def _is_remote(workdir) -> bool:
-        return str(workdir).startswith(("gs://", "s3://"))
-
     def _lines_up_to(self, step: int) -> list[str]:
         """Existing lines of steps <= `step` (a resumed run drops the killed run's later lines)."""
-        if not self.path.exists():
+        if not fileio.exists(self.path):
             return []
         keep = []
-        for line in self.path.read_text().splitlines(keepends=True):
+        for line in fileio.read_bytes(self.path).decode().splitlines(keepends=True):
             try:
                 if json.loads(line).get("step", 0) <= step:
                     keep.append(line if line.endswith("\n") else line + "\n")
@@ -117,9 +118,14 @@ class MetricsWriter:
         return keep
 
     def _write_all(self) -> None:
-        tmp = self.path.parent / (METRICS_FILE + ".tmp")
-        tmp.write_text("".join(self._lines))
-        tmp.replace(self.path)
+        fileio.write_bytes_atomic(self.path, "".join(self._lines).encode())
+        self._uploaded = len(self._lines)
+        self._last_upload = time.monotonic()
+
+    def flush(self) -> None:
+        """Object stores: upload the rows not uploaded yet (local files are flushed on every write)."""
+        if self.enabled and self.remote and self._uploaded < len(self._lines):
+            self._write_all()
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -128,7 +134,8 @@ class MetricsWriter:
         line = json.dumps(row) + "\n"
         if self.remote:
             self._lines.append(line)
-            self._write_all()
+            if time.monotonic() - self._last_upload >= UPLOAD_EVERY_S:
+                self._write_all()
         else:
             self._file.write(line)
             self._file.flush()
@@ -144,6 +151,7 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.enabled:
             return
+        self.flush()
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
@@ -153,7 +161,7 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    text = (epath.Path(workdir) / METRICS_FILE).read_text()
+    text = fileio.read_bytes(shards.join(str(workdir), METRICS_FILE)).decode()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

@@ -77,16 +77,6 @@ def batch_spec(ndim: int = 2) -> PartitionSpec:
     return logical_to_spec(("batch",) + ("length",) * (ndim - 1))
 
 
-def param_specs(state: nnx.State, rules=RULES):
-    """A PartitionSpec tree matching an `nnx.State` of Variables with `logical_axes` metadata."""
-
-    def spec(var):
-        axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
-        return logical_to_spec(axes, rules)
-
-    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """Drop mesh axes that do not divide the dimension they shard (e.g. 6 heads on 4 devices)."""
     out = []
@@ -121,6 +111,3 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES) -> None:
     shardings = state_shardings(state, mesh, rules)
     nnx.update(model, jax.device_put(state, shardings))
 
-
-def named(mesh: Mesh, spec: PartitionSpec) -> NamedSharding:
-    return NamedSharding(mesh, spec)

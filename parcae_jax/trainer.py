@@ -9,7 +9,6 @@ resumed run reproduces the uninterrupted one bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -20,7 +19,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from parcae_jax import checkpointing, flops, sharding, train_step
+from parcae_jax import checkpointing, fileio, flops, sharding, train_step
 from parcae_jax.config import ModelConfig
 from parcae_jax.data import pipeline, shards
 from parcae_jax.evaluation import lm_loss
@@ -198,8 +197,8 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
     else:
         start = 0
         if jax.process_index() == 0:
-            text = json.dumps(checkpointing._jsonable(run_cfg.to_dict()), indent=2)
-            (epath.Path(workdir) / "config.json").write_text(text)
+            config_path = shards.join(str(workdir), "config.json")
+            fileio.write_json_atomic(config_path, fileio.to_jsonable(run_cfg.to_dict()))
 
     batches = pipeline.train_iterator(
         data.dataset_dir,
@@ -237,6 +236,7 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
     pending_real = []  # per-step real-token counts (device scalars), summed when a row is logged
 
     def save(step):
+        writer.flush()  # rows up to a checkpoint must be stored before it: a resume starts there
         checkpointer.save(step, state, batches.get_state(), _run_meta(run_cfg, setup, step, counters,
                                                                                 evaluator.validation))
 

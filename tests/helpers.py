@@ -63,6 +63,7 @@ def write_token_dataset(path, *, vocab_size: int = 256, docs: int = 200, val_doc
     Each document follows a fixed random transition table with 10% noise, so a model can learn it
     (loss well below log(vocab)) while the unigram distribution stays nearly uniform.
     """
+    from parcae_jax import fileio
     from parcae_jax.data import shards
 
     rng = np.random.default_rng(seed)
@@ -100,5 +101,5 @@ def write_token_dataset(path, *, vocab_size: int = 256, docs: int = 200, val_doc
         "command": "tests/helpers.py",
         "created": "test",
     }
-    shards.write_json_atomic(shards.join(str(path), "metadata.json"), meta)
+    fileio.write_json_atomic(shards.join(str(path), "metadata.json"), meta, sort_keys=True)
     return str(path)

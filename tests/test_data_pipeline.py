@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from parcae_jax import losses
+from parcae_jax import fileio, losses
 from parcae_jax.data import pipeline, shards
 
 BOS, PAD, VOCAB, T = 0, 2, 1000, 16
@@ -39,7 +39,7 @@ def write_dataset(root, shard_docs, *, split="train", bos_id=BOS):
         },
         "source": "test",
     }
-    shards.write_json_atomic(os.path.join(str(root), "metadata.json"), meta)
+    fileio.write_json_atomic(os.path.join(str(root), "metadata.json"), meta, sort_keys=True)
     return str(root)
 
 

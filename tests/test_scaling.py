@@ -6,6 +6,7 @@ FLOPs/token of the eight released configs against the spec: tests/test_flops.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from helpers import write_token_dataset
 
-from parcae_jax import flops, presets
+from parcae_jax import fileio, flops, presets
 from parcae_jax.cli_config import load_config
 from parcae_jax.scaling import cli, fit, laws, runner, state, sweep
 
@@ -71,7 +72,7 @@ def test_paper_grid_plan_has_35_points_with_exact_budgets(paper_plan):
 def test_plan_writes_exact_commands(paper_plan):
     point = json.loads((paper_plan / "rec04_flops1e18" / "point.json").read_text())
     expected = (
-        f"python train.py --config configs/parcae_140m.py --workdir {paper_plan}/rec04_flops1e18 "
+        f"python -m parcae_jax.train --config configs/parcae_140m.py --workdir {paper_plan}/rec04_flops1e18 "
         "--config.model.mean_recurrence=4 --config.model.mean_backprop_depth=2 "
         "--config.train.max_tokens=None --config.train.max_flops=1e18 --config.train.eval_every=1000000"
     )
@@ -137,16 +138,17 @@ def test_status_classifies_points(tmp_path):
     sweep.write_plan(cfg, TINY_SWEEP, tmp_path, points)
     done, running, failed, resumable, eval_only, dead = (tmp_path / p.name for p in points)
     fake_checkpoint(done, points[0].steps)
-    state.write_json(done / state.RESULT_FILE, {"val_loss": 4.25})
-    state.write_json(running / state.RUNNING_FILE, {"pid": os.getpid(), "host": socket.gethostname()})
-    state.write_json(failed / state.FAILED_FILE, {"stage": "train", "returncode": 1})
+    fileio.write_json_atomic(done / state.RESULT_FILE, {"val_loss": 4.25})
+    fileio.write_json_atomic(running / state.RUNNING_FILE, {"pid": os.getpid(), "host": socket.gethostname()})
+    fileio.write_json_atomic(failed / state.FAILED_FILE, {"stage": "train", "returncode": 1})
     fake_checkpoint(resumable, 5)
     (resumable / "checkpoints" / "7.orbax-checkpoint-tmp-123").mkdir()  # an unfinished save: ignored
     fake_checkpoint(eval_only, points[4].steps)
     finished = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    state.write_json(dead / state.RUNNING_FILE, {"pid": int(finished.stdout), "host": socket.gethostname()})
+    dead_info = {"pid": int(finished.stdout), "host": socket.gethostname()}
+    fileio.write_json_atomic(dead / state.RUNNING_FILE, dead_info)
 
     got = [state.point_status(tmp_path / p.name, p) for p in points]
     assert [(s.state, s.detail) for s in got] == [
@@ -168,7 +170,7 @@ def test_run_records_a_failed_point_and_skips_finished_ones(tmp_path):
     broken = points[1].__class__(**{**points[1].__dict__, "base_config": "configs/does_not_exist.py"})
     sweep.write_plan(cfg, TINY_SWEEP, tmp_path, [points[0], broken])
     fake_checkpoint(tmp_path / points[0].name, points[0].steps)
-    state.write_json(tmp_path / points[0].name / state.RESULT_FILE, {"val_loss": 4.0})
+    fileio.write_json_atomic(tmp_path / points[0].name / state.RESULT_FILE, {"val_loss": 4.0})
     messages = []
     outcome = runner.run_sweep(tmp_path, say=messages.append)
     assert outcome == {points[0].name: "done", broken.name: "failed"}
@@ -208,12 +210,12 @@ def test_pod_runs_are_awaited_through_the_shared_workdir(tmp_path, monkeypatch):
 
 def test_depth_sweep_command_and_reader(tmp_path):
     point = sweep.plan_points(sweep.load_sweep(TINY_SWEEP), tmp_path)[2]  # r̄ = 4
-    builtin = runner.depth_sweep_command(point, "out.json", "builtin", python="python")
-    assert builtin[:3] == ["python", "-m", "parcae_jax.scaling.depth_sweep"]
-    assert builtin[builtin.index("--depths") + 1] == "1,2,3,4,6,8" and builtin[-2:] == ["--batches", "8"]
-    via_eval = runner.depth_sweep_command(point, "out.json", "eval", python="python")
-    assert via_eval[1:4] == ["eval.py", "--config", "configs/eval.py:depth_sweep"]
+    via_eval = runner.depth_sweep_command(point, "out.json", python="python")
+    assert via_eval[:4] == ["python", "-m", "parcae_jax.eval", "--config"]
+    assert via_eval[4].endswith("parcae_jax/evaluation/config.py:depth_sweep")
     assert "--config.sweep_depths=1,2,3,4,6,8" in via_eval and "--config.max_rows=64" in via_eval
+    whole = dataclasses.replace(point, depth_sweep_batches=None)  # the run's own validation set
+    assert "--config.max_rows=0" in runner.depth_sweep_command(whole, "out.json", python="python")
     doc = tmp_path / "eval.json"
     doc.write_text(
         json.dumps({"tasks": {"depth_sweep": {"depths": [1, 2], "losses": [5.0, 4.5], "fit": None}}})
@@ -234,9 +236,10 @@ def test_depth_sweep_command_and_reader(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_evaluates_a_trained_point_with_the_builtin_depth_sweep(tmp_path):
-    """A point trained in process (2 steps): `run` skips training, runs the depth sweep subprocess and
-    writes result.json; at the training recurrence, the sweep reproduces the trainer's final val loss."""
+def test_run_evaluates_a_trained_point_with_the_eval_depth_sweep(tmp_path):
+    """A point trained in process (2 steps): `run` skips training, runs the eval depth-sweep subprocess
+    and writes result.json; at the training recurrence, the sweep reproduces the trainer's final val
+    loss (it scores the run's own validation set)."""
     from parcae_jax import trainer
 
     data = write_token_dataset(tmp_path / "data", vocab_size=256)
@@ -253,7 +256,7 @@ def test_run_evaluates_a_trained_point_with_the_builtin_depth_sweep(tmp_path):
     spec = dict(
         name="t", base_config="configs/tiny.py", overrides=tuple(small), mean_recurrences=(2,),
         backprop_depth="ceil_half", flop_budgets=(float(round(budget)),),
-        depth_sweep=dict(depths=(1, 2, 3, 4), max_factor=2.0, min_max_depth=4, batches=2, batch_size=8),
+        depth_sweep=dict(depths=(1, 2, 3, 4), max_factor=2.0, min_max_depth=4, batches=None, batch_size=8),
     )  # fmt: skip
     config = tmp_path / "sweep.py"
     header = "import ml_collections\n\n\ndef get_config(arg=None):\n"
@@ -263,13 +266,13 @@ def test_run_evaluates_a_trained_point_with_the_builtin_depth_sweep(tmp_path):
     _, [point] = sweep.read_plan(root)
     assert point.steps == 2
     trainer.train(load_config(str(REPO / point.base_config), list(point.overrides)), point.workdir)
-    outcome = runner.run_sweep(root, evaluator="builtin", say=print)
+    outcome = runner.run_sweep(root, say=print)
     assert outcome == {point.name: "done"}
     result = json.loads((root / point.name / state.RESULT_FILE).read_text())
     sweep_losses = dict(zip(result["depth_sweep"]["depths"], result["depth_sweep"]["losses"], strict=True))
     assert sorted(sweep_losses) == [1, 2, 3, 4]
-    assert sweep_losses[2] == pytest.approx(result["val_loss"], rel=1e-5)
-    assert sweep_losses[1] == pytest.approx(result["val_loss_by_depth"]["1"], rel=1e-5)
+    assert sweep_losses[2] == pytest.approx(result["val_loss"], rel=1e-6)
+    assert sweep_losses[1] == pytest.approx(result["val_loss_by_depth"]["1"], rel=1e-6)
     assert state.point_status(root / point.name, point).state == "done"
 
 
@@ -363,7 +366,7 @@ def test_fit_cli_end_to_end(tmp_path, capsys):
     for result in synthetic_results(noise=0.0005, seed=3):
         folder = tmp_path / result["name"]
         folder.mkdir()
-        state.write_json(folder / state.RESULT_FILE, result)
+        fileio.write_json_atomic(folder / state.RESULT_FILE, result)
     assert cli.main(["fit", "--root", str(tmp_path), "--out", str(tmp_path / "fits")]) == 0
     out = capsys.readouterr().out
     assert "35 finished runs" in out and "leave-one-run-out" in out

@@ -134,11 +134,11 @@ def test_incompatible_checkpoint_is_refused(trained_run, dataset):
 
 def test_workdir_converts_to_torch(trained_run, tmp_path):
     pytest.importorskip("torch")
-    from parcae_jax import convert, pretrained
+    from parcae_jax import convert, loading, pretrained
 
     workdir, _, _ = trained_run
     out = convert.to_torch(workdir, tmp_path / "official", step=4)
-    model = checkpointing.load_model_from_workdir(workdir, step=4)
+    model = loading.load_model(workdir, step=4).model
     back = pretrained.load_pretrained(out, compute_dtype="float32")
     ids = np.arange(16, dtype=np.int32)[None] % 200
     key = jax.random.key(0)
@@ -232,24 +232,24 @@ def test_train_cli_none_override_switches_stop_criterion(dataset, tmp_path):
     assert json.loads((tmp_path / "w" / "config.json").read_text())["train"]["max_tokens"] == 768
 
 
-def test_metrics_file_resume_and_object_store_mode(tmp_path, monkeypatch):
-    """A resumed run drops the killed run's later lines; on object stores (no append) each write
-    rewrites the file, with the same content."""
+def test_metrics_file_resume_and_object_store_mode(tmp_path):
+    """A resumed run drops the killed run's later lines; on object stores (no append; a file:// URL
+    takes that path) the file is rewritten whole, with the same content."""
     from parcae_jax import metrics
 
     for remote in (False, True):
-        workdir = tmp_path / f"remote_{remote}"
-        monkeypatch.setattr(metrics.MetricsWriter, "_is_remote", staticmethod(lambda _w, r=remote: r))
-        writer = metrics.MetricsWriter(str(workdir))
+        folder = tmp_path / f"remote_{remote}"
+        workdir = f"file://{folder}" if remote else str(folder)
+        writer = metrics.MetricsWriter(workdir)
         for step in range(1, 6):
             writer.write({"step": step, "loss": 1.0 / step})
         writer.close()
-        with open(workdir / metrics.METRICS_FILE, "a") as f:
+        with open(folder / metrics.METRICS_FILE, "a") as f:
             f.write('{"step": 6, "lo')  # a line cut by SIGKILL
-        writer = metrics.MetricsWriter(str(workdir), resume_step=3)
+        writer = metrics.MetricsWriter(workdir, resume_step=3)
         writer.write({"step": 4, "loss": 9.0})
         writer.close()
-        rows = read_metrics(str(workdir))
+        rows = read_metrics(workdir)
         assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 9.0
 
 

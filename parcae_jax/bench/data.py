@@ -24,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from parcae_jax import fileio
 from parcae_jax.cli_config import load_config, split_config_args
 from parcae_jax.data import pipeline, shards
 
@@ -60,7 +61,7 @@ def write_synthetic_dataset(
         "splits": {"train": totals},
         "source": "synthetic (parcae_jax.bench.data)",
     }
-    shards.write_json_atomic(shards.join(root, "metadata.json"), meta)
+    fileio.write_json_atomic(shards.join(root, "metadata.json"), meta, sort_keys=True)
     return root
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from parcae_jax import fileio
 from parcae_jax.data import shards, sources
 from parcae_jax.data.tokenizer import (
     MODEL_FILE,
@@ -144,7 +145,7 @@ def _resume_state(output: str, split: str, plan: str) -> _SplitState:
     """Leading complete shards made with this plan are kept; everything after them is redone."""
     state = _SplitState()
     while shards.shard_is_complete(output, split, state.next_index):
-        record = shards.read_json(shards.shard_paths(output, split, state.next_index)[2])
+        record = fileio.read_json(shards.shard_paths(output, split, state.next_index)[2])
         if record.get("plan") != plan:
             break
         state.next_index += 1
@@ -204,10 +205,10 @@ def _check_output(output: str, arguments: dict, overwrite: bool) -> bool:
     """True when `output` is already a complete dataset made with `arguments`; raises on conflicts."""
     metadata_path = shards.join(output, "metadata.json")
     progress_path = shards.join(output, PROGRESS_FILE)
-    previous = shards.read_json(progress_path).get("arguments") if shards.exists(progress_path) else None
-    complete = shards.exists(metadata_path)
+    previous = fileio.read_json(progress_path).get("arguments") if fileio.exists(progress_path) else None
+    complete = fileio.exists(metadata_path)
     if complete and previous is None:  # e.g. a copied dataset without progress.json: trust the metadata
-        meta = shards.read_json(metadata_path)
+        meta = fileio.read_json(metadata_path)
         made_with = {"source": meta.get("source"), "val_fraction": meta.get("val_fraction"),
                      "dtype": meta.get("dtype"), "tokenizer_fingerprint": meta.get("tokenizer", {}).get(
                          "fingerprint")}
@@ -215,8 +216,8 @@ def _check_output(output: str, arguments: dict, overwrite: bool) -> bool:
     if complete and previous == arguments:
         return True
     if overwrite:
-        shards.delete(metadata_path)  # first: the folder must stop looking complete
-        shards.delete(progress_path)
+        fileio.delete(metadata_path)  # first: the folder must stop looking complete
+        fileio.delete(progress_path)
         return False
     if complete:
         raise PrepareError(f"{output}: already holds a complete dataset made with other arguments "
@@ -227,7 +228,7 @@ def _check_output(output: str, arguments: dict, overwrite: bool) -> bool:
         raise PrepareError(f"{output}: an interrupted preparation used other arguments (differing: "
                            f"{', '.join(changed)}); re-run with the same arguments to resume it, or pass "
                            "--overwrite to start over")
-    if previous is None and not shards.is_remote(output) and os.path.isdir(output) and os.listdir(output):
+    if previous is None and not fileio.is_remote(output) and os.path.isdir(output) and os.listdir(output):
         raise PrepareError(f"{output}: folder exists, is not empty and is not a dataset folder; choose an "
                            "empty or new --output (or pass --overwrite to write into it anyway)")
     return False
@@ -248,14 +249,15 @@ def prepare(source: str, tokenizer_path: str, output: str, val_fraction: float =
     tokenizer = load_tokenizer(tokenizer_path)
     token_dtype = shards.token_dtype(tokenizer.vocab_size, dtype)
     workers = max(1, os.cpu_count() or 1) if workers is None else max(1, workers)
-    if not shards.is_remote(output):
+    if not fileio.is_remote(output):
         output = os.path.abspath(os.path.expanduser(output))
     arguments = _arguments(source, tokenizer, val_fraction, shard_tokens, token_dtype)
     plan = _plan_key(arguments)
     if _check_output(output, arguments, overwrite):
         log(f"prepare: {output} is already complete")
         return shards.load_metadata(output)
-    shards.write_json_atomic(shards.join(output, PROGRESS_FILE), {"arguments": arguments, "plan": plan})
+    progress = {"arguments": arguments, "plan": plan}
+    fileio.write_json_atomic(shards.join(output, PROGRESS_FILE), progress, sort_keys=True)
 
     states = {split: _resume_state(output, split, plan) for split in SPLITS}
     skipped = sum(s.skip for s in states.values())
@@ -303,7 +305,8 @@ def prepare(source: str, tokenizer_path: str, output: str, val_fraction: float =
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "parcae_jax_version": parcae_jax.__version__,
     }
-    shards.write_json_atomic(shards.join(output, "metadata.json"), metadata)  # last: marks completion
+    # last: marks completion
+    fileio.write_json_atomic(shards.join(output, "metadata.json"), metadata, sort_keys=True)
     summary = ", ".join(f"{k} {v['tokens']:,} tokens / {v['documents']:,} docs / {v['shards']} shards"
                         for k, v in metadata["splits"].items())
     log(f"prepare: wrote {output} in {time.time() - started:.1f} s ({summary})")

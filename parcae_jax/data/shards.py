@@ -21,13 +21,13 @@ other state (an interrupted write, a truncated copy) raises `ShardError` naming 
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from parcae_jax import fileio
 
 FORMAT = "parcae-jax-token-shards-v1"
 SHARD_NAME = "shard_{:05d}"
@@ -54,93 +54,16 @@ def token_dtype(vocab_size: int, requested: str | None = None) -> np.dtype:
     return dt
 
 
-def is_remote(path: str) -> bool:
-    """A TensorStore kvstore URL (`gs://`, `s3://`, `file://`, `memory://`): read through TensorStore.
-    (`file://` URLs exercise the remote code path on local disk; tests use them.)"""
-    return bool(re.match(r"^[a-z0-9+]+://", str(path)))
-
-
 def join(path: str, *parts: str) -> str:
-    if is_remote(path):
+    if fileio.is_remote(path):
         return "/".join([str(path).rstrip("/"), *parts])
     return os.path.join(path, *parts)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Small-file IO that works on local paths and TensorStore URLs
-# ---------------------------------------------------------------------------------------------------
-
-
-def _kvstore(url: str):
-    import tensorstore as ts
-
-    base, _, key = url.rpartition("/")
-    return ts.KvStore.open(base + "/").result(), key
-
-
-def read_bytes(path: str, start: int | None = None, stop: int | None = None) -> bytes:
-    if not is_remote(path):
-        with open(path, "rb") as f:
-            if start:
-                f.seek(start)
-            return f.read() if stop is None else f.read(stop - (start or 0))
-    store, key = _kvstore(path)
-    result = store.read(key, byte_range=slice(start, stop)).result()
-    if result.state == "missing":
-        raise FileNotFoundError(path)
-    return bytes(result.value)
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Local: write a temporary file then rename (never a half-written file under the final name).
-    Remote object stores make each object visible only once fully uploaded."""
-    if not is_remote(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return
-    store, key = _kvstore(path)
-    store.write(key, data).result()
-
-
-def exists(path: str) -> bool:
-    if not is_remote(path):
-        return os.path.exists(path)
-    store, key = _kvstore(path)
-    return store.read(key, byte_range=slice(0, 0)).result().state != "missing"
-
-
-def delete(path: str) -> None:
-    """Remove one file or object; a missing one is not an error."""
-    if not is_remote(path):
-        if os.path.lexists(path):
-            os.remove(path)
-        return
-    store, key = _kvstore(path)
-    store.write(key, None).result()  # writing None deletes the key
-
-
 def size_of(path: str) -> int:
-    if not is_remote(path):
+    if not fileio.is_remote(path):
         return os.path.getsize(path)
-    return len(read_bytes(path))  # object stores: a metadata call would do, the kvstore API has none
-
-
-def read_json(path: str) -> dict[str, Any]:
-    return json.loads(read_bytes(path).decode())
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-# ---------------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------------
+    return len(fileio.read_bytes(path))  # object stores: a metadata call would do, the kvstore API has none
 
 
 def shard_paths(dataset_dir: str, split: str, index: int) -> tuple[str, str, str]:
@@ -166,10 +89,10 @@ def write_shard(
     limit = np.iinfo(dtype).max
     if flat.size and (flat.min() < 0 or flat.max() > limit):
         raise ShardError(f"token id {int(flat.max())} does not fit {dtype.name} shards; use uint32")
-    write_bytes_atomic(tokens_path, flat.astype(dtype).tobytes())
-    write_bytes_atomic(docs_path, offsets.tobytes())
+    fileio.write_bytes_atomic(tokens_path, flat.astype(dtype).tobytes())
+    fileio.write_bytes_atomic(docs_path, offsets.tobytes())
     record = {"tokens": int(offsets[-1]), "documents": len(documents), "dtype": dtype.name, **(extra or {})}
-    write_json_atomic(record_path, record)  # last: marks the shard complete
+    fileio.write_json_atomic(record_path, record, sort_keys=True)  # last: marks the shard complete
     return record
 
 
@@ -195,19 +118,19 @@ class ShardReader:
 
     def __init__(self, dataset_dir: str, split: str, index: int):
         self.tokens_path, self.docs_path, record_path = shard_paths(dataset_dir, split, index)
-        if not exists(record_path):
+        if not fileio.exists(record_path):
             raise ShardError(
                 f"{record_path}: shard is incomplete or missing (preparation interrupted?); "
                 "re-run `python -m parcae_jax.data.prepare` with the same arguments to finish it"
             )
-        record = read_json(record_path)
+        record = fileio.read_json(record_path)
         self.num_tokens, self.num_documents = int(record["tokens"]), int(record["documents"])
         self.dtype = np.dtype(record["dtype"]).newbyteorder("<")
         for path, expected in (
             (self.tokens_path, self.num_tokens * self.dtype.itemsize),
             (self.docs_path, (self.num_documents + 1) * _DOC_DTYPE.itemsize),
         ):
-            if not exists(path):
+            if not fileio.exists(path):
                 raise ShardError(f"{path}: missing; re-run preparation (it redoes only incomplete shards)")
             size = size_of(path)
             if size != expected:
@@ -215,7 +138,7 @@ class ShardReader:
                     f"{path}: {size} bytes, expected {expected} (truncated or corrupted copy); "
                     f"delete {record_path} and re-run preparation to rebuild this shard"
                 )
-        self.doc_offsets = np.frombuffer(read_bytes(self.docs_path), dtype=_DOC_DTYPE).astype(np.int64)
+        self.doc_offsets = np.frombuffer(fileio.read_bytes(self.docs_path), dtype=_DOC_DTYPE).astype(np.int64)
         self._memmap = None
 
     def __getstate__(self):
@@ -227,14 +150,14 @@ class ShardReader:
         """Tokens [start, stop) as a fresh array of the shard's dtype."""
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"token range [{start}, {stop}) outside {self.tokens_path} ({self.num_tokens})")
-        if not is_remote(self.tokens_path):
+        if not fileio.is_remote(self.tokens_path):
             if self._memmap is None:
                 if self.num_tokens == 0:
                     return np.zeros(0, self.dtype)
                 self._memmap = np.memmap(self.tokens_path, dtype=self.dtype, mode="r")
             return np.array(self._memmap[start:stop])
         itemsize = self.dtype.itemsize
-        raw = read_bytes(self.tokens_path, start * itemsize, stop * itemsize)
+        raw = fileio.read_bytes(self.tokens_path, start * itemsize, stop * itemsize)
         return np.frombuffer(raw, dtype=self.dtype).copy()
 
     def document(self, i: int) -> np.ndarray:
@@ -248,12 +171,12 @@ class ShardReader:
 
 def load_metadata(dataset_dir: str) -> dict[str, Any]:
     path = join(dataset_dir, "metadata.json")
-    if not exists(path):
+    if not fileio.exists(path):
         raise ShardError(
             f"{path}: not found, so {dataset_dir} is not a (complete) prepared dataset; run "
             f"`python -m parcae_jax.data.prepare --output {dataset_dir} ...` first"
         )
-    meta = read_json(path)
+    meta = fileio.read_json(path)
     if meta.get("format") != FORMAT:
         raise ShardError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; re-run preparation")
     return meta

@@ -176,10 +176,6 @@ def load_task_lines(path) -> list[tuple[int, dict]]:
         return [(i, json.loads(line)) for i, line in enumerate(f) if line.strip()]
 
 
-def load_task_data(path) -> list[dict]:
-    return [item for _, item in load_task_lines(path)]
-
-
 def shuffled(data: list) -> list:
     """The task in the official evaluation order (a `Random(1337)` shuffle)."""
     data = list(data)

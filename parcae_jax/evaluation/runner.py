@@ -13,14 +13,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import math
 import os
 import time
 from typing import Any
 
 import jax
 
-from parcae_jax import loading, sharding
+from parcae_jax import fileio, loading, sharding
 from parcae_jax.evaluation import report
 from parcae_jax.evaluation.tasks import TASKS, parse_ints, run_task
 
@@ -61,30 +60,14 @@ def samples_path(output: str) -> str:
 
 
 def write_samples(records: list[dict], path: str) -> str:
-    from parcae_jax.data.shards import write_bytes_atomic
-
-    write_bytes_atomic(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in records).encode())
+    lines = "".join(json.dumps(fileio.to_jsonable(r)) + "\n" for r in records)
+    fileio.write_bytes_atomic(path, lines.encode())
     return path
 
 
-def _jsonable(obj):
-    """Plain JSON: NaN/inf become null, numpy scalars become numbers, tuples lists."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, str):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def write_json(results: dict, path: str) -> str:
-    from parcae_jax.data.shards import write_bytes_atomic
-
     path = os.path.abspath(os.path.expanduser(path))
-    write_bytes_atomic(path, json.dumps(_jsonable(results), indent=2, allow_nan=False).encode())
+    fileio.write_json_atomic(path, fileio.to_jsonable(results), allow_nan=False)
     return path
 
 
@@ -140,7 +123,7 @@ def run(config, log=print) -> dict:
         "checkpoint": {"path": ckpt.path, "kind": ckpt.kind, "step": ckpt.step, "arch": cfg.arch,
                        "params_digest": digest, "num_params": num_params},
         "model_config": cfg.to_dict(),
-        "model_config_digest": hashlib.sha256(json.dumps(_jsonable(cfg.to_dict()), sort_keys=True)
+        "model_config_digest": hashlib.sha256(json.dumps(fileio.to_jsonable(cfg.to_dict()), sort_keys=True)
                                               .encode()).hexdigest()[:16],
         "eval_config": config.to_dict(),
         "tokenizer": None if tokenizer is None else {

@@ -17,7 +17,7 @@ import sys
 
 from parcae_jax import flops
 from parcae_jax.metrics import format_duration
-from parcae_jax.scaling import fit, runner, state, sweep
+from parcae_jax.scaling import fit, plots, runner, state, sweep
 
 DEFAULT_SWEEP = "configs/sweeps/paper_140m.py"
 
@@ -97,12 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         help='pod launcher flags before the train.py arguments, e.g. "--name SLICE --zone ZONE"',
     )
     r.add_argument("--poll-seconds", type=float, default=60.0, help="pod: workdir polling interval")
-    r.add_argument(
-        "--depth-sweep",
-        choices=runner.EVALUATORS,
-        default="auto",
-        help="test-time depth sweep by eval.py (auto: when present) or parcae_jax.scaling.depth_sweep",
-    )
     r.add_argument("--only", nargs="+", default=None, metavar="POINT", help="run only these points")
     r.add_argument("--retry-failed", action="store_true", help="run failed points again")
     r.add_argument("--dry-run", action="store_true", help="print the training commands, run nothing")
@@ -130,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             outcome = runner.run_sweep(
                 args.root,
                 launcher=args.launcher,
-                evaluator=args.depth_sweep,
                 launcher_args=shlex.split(args.launcher_args),
                 poll_seconds=args.poll_seconds,
                 retry_failed=args.retry_failed,
@@ -146,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "status":
         print(status_table(args.root))
     elif args.command == "fit":
-        fits = fit.run_fit(args.root, args.out, plots=not args.no_plots)
+        fits = fit.run_fit(args.root, args.out, plot=None if args.no_plots else plots.plot_all)
         out = args.out or f"{args.root}/fits"
         print(fit.summary(fits))
         print(f"wrote {out}/fits.json" + "".join(f", {name}" for name in fits["plots"]))

@@ -1,7 +1,7 @@
 """`scaling fit`: every fit of the paper's scaling study from the finished runs of a sweep root.
 
-Reads `ROOT/*/result.json` (see `runner.build_result`) and writes `OUT/fits.json` and the PNGs of
-`plots.py`. The fits (`laws.py`):
+Reads `ROOT/*/result.json` (see `runner.build_result`) and writes `OUT/fits.json`; the CLI has
+`plots.py` draw the PNGs from the fits. The fits (`laws.py`):
 
 1. isoFLOP: per FLOP budget, parabolas of the final validation loss (at the training recurrence) in
    ln(mean recurrence) and in ln(trained tokens); their vertices are the compute-optimal μ_rec* and D*.
@@ -16,9 +16,11 @@ import json
 import math
 import os
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 
+from parcae_jax import fileio
 from parcae_jax.scaling import laws
 from parcae_jax.scaling.state import RESULT_FILE
 
@@ -142,27 +144,22 @@ def fit_all(results: list[dict]) -> dict:
     return fits
 
 
-def _clean(obj):
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items() if not k.startswith("_")}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def run_fit(root: str | os.PathLike, out: str | os.PathLike | None = None, *, plots: bool = True) -> dict:
-    """Fit, write OUT/fits.json (+ PNGs); OUT defaults to ROOT/fits."""
-    from parcae_jax.scaling import plots as plotting
-
+def run_fit(
+    root: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    plot: Callable[[list[dict], dict, pathlib.Path], list[str]] | None = None,
+) -> dict:
+    """Fit, write OUT/fits.json; OUT defaults to ROOT/fits. `plot(results, fits, out)` (the CLI passes
+    `plots.plot_all`: plots are drawn from fits, so this module never imports them) writes PNGs
+    there and returns their names, which fits.json lists."""
     out = pathlib.Path(out) if out is not None else pathlib.Path(root) / "fits"
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(root)
     fits = fit_all(results)
-    fits["plots"] = plotting.plot_all(results, fits, out) if plots else []
-    (out / "fits.json").write_text(json.dumps(_clean(fits), indent=2) + "\n")
+    fits["plots"] = plot(results, fits, out) if plot is not None else []
+    public = {k: v for k, v in fits.items() if not k.startswith("_")}  # "_law" is for the plots only
+    fileio.write_json_atomic(out / "fits.json", fileio.to_jsonable(public))
     return fits
 
 

@@ -127,11 +127,6 @@ class UnifiedLaw:
     def __call__(self, mu, tokens, depth):
         return unified_loss(np.array(dataclasses.astuple(self)), mu, tokens, depth)
 
-    def saturated(self, mu, tokens):
-        """L_inf(μ, D): the loss with infinitely many test-time recurrences."""
-        mu, d = np.asarray(mu, dtype=float), np.asarray(tokens, dtype=float) / TOKENS_UNIT
-        return self.E + self.A * mu ** (-self.alpha) + self.B * d ** (-self.beta)
-
 
 def unified_loss(theta, mu, tokens, depth):
     E, A, alpha, B, beta, Z, z = theta

@@ -7,6 +7,8 @@ import pathlib
 
 import numpy as np
 
+from parcae_jax.scaling.fit import depth_curve
+
 
 def _pyplot():
     import matplotlib
@@ -99,8 +101,6 @@ def plot_power_laws(fits: dict, path: pathlib.Path) -> None:
 def plot_test_time(results: list[dict], fits: dict, path: pathlib.Path) -> None:
     """Loss against test-time recurrence T, one panel per budget: data, per-run law (solid), unified
     law (dashed)."""
-    from parcae_jax.scaling.fit import depth_curve
-
     plt = _pyplot()
     budgets = sorted({r["flop_budget"] for r in results})
     cols = min(len(budgets), 3)

@@ -1,20 +1,21 @@
 """`scaling run`: train the pending points one after another, then evaluate them for the fits.
 
-Each point is a subprocess (`train.py`, then the depth sweep), so this process never holds an
-accelerator: JAX in the orchestrator would pre-allocate GPU memory the next training run needs.
-A point whose workdir already has its final checkpoint skips training; an interrupted one resumes
-(train.py restores the workdir's latest checkpoint by itself). After training:
+Each point is a subprocess (`python -m parcae_jax.train`, then the depth sweep), so this process
+never holds an accelerator: JAX in the orchestrator would pre-allocate GPU memory the next training
+run needs. A point whose workdir already has its final checkpoint skips training; an interrupted one resumes
+(training restores the workdir's latest checkpoint by itself). After training:
 
 * the final validation losses come from the last row of `WORKDIR/metrics.jsonl`
   (`val_loss_<d>` for d in train.partial_depth_eval + [r̄]);
-* the depth sweep comes from `eval.py --config configs/eval.py:depth_sweep` when the repository has
-  it, else from `python -m parcae_jax.scaling.depth_sweep`;
+* the depth sweep is the evaluation package's `depth_sweep` task (`python -m parcae_jax.eval`), on
+  the run's own validation set unless the sweep spec gives `batches`;
 * both go into `result.json`, which marks the point done.
 
-`--launcher pod` runs training through the TPU pod launcher (`bash tpu_setup/launch.sh`, the
-multi-host issue's: `--launcher-args "--name SLICE --zone ZONE"` plus train.py's own arguments); the
-launcher returns once train.py runs on the workers, so the runner then polls the shared workdir
-(plan with `--workdir-root gs://...`) for the final checkpoint before evaluating from this host.
+`--launcher pod` runs training through the TPU pod launcher of the repository checkout
+(`bash tpu_setup/launch.sh`, given `--launcher-args "--name SLICE --zone ZONE"` and the training
+arguments); the launcher returns once training runs on the workers, so the runner then polls the
+shared workdir (plan with `--workdir-root gs://...`) for the final checkpoint before evaluating
+from this host.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from collections.abc import Callable, Sequence
 
 from etils import epath
 
+from parcae_jax import fileio
+from parcae_jax.evaluation import config as eval_config
 from parcae_jax.scaling import state
 from parcae_jax.scaling.sweep import REPO, Point, read_plan
 
 LAUNCHERS = ("local", "pod")
-EVALUATORS = ("auto", "eval", "builtin")
 POD_LAUNCHER = "tpu_setup/launch.sh"
-EVAL_SCRIPT, EVAL_CONFIG = "eval.py", "configs/eval.py"
 DEPTH_SWEEP_FILE = "depth_sweep.json"
 LOG_FILE = "train.log"
 
@@ -51,7 +52,7 @@ class PointFailed(RuntimeError):
 def train_command(
     point: Point, launcher: str, launcher_args: Sequence[str] = (), python: str = sys.executable
 ) -> list[str]:
-    """local: `python train.py ARGS`; pod: `bash tpu_setup/launch.sh LAUNCHER_ARGS ARGS`, where the
+    """local: `python -m parcae_jax.train ARGS`; pod: `bash tpu_setup/launch.sh LAUNCHER_ARGS ARGS`, where the
     launcher args name the slice (`--name N --zone Z`, see `launch.sh --help`)."""
     if launcher == "local":
         return point.command(python)
@@ -69,43 +70,30 @@ def wait_for_final_checkpoint(point: Point, poll_seconds: float, say: Callable[[
         time.sleep(poll_seconds)
 
 
-def depth_sweep_command(
-    point: Point, output: str, evaluator: str = "auto", python: str = sys.executable
-) -> list[str]:
-    """`eval.py`'s depth_sweep task (evaluator "eval", or "auto" when the repository has eval.py) or
-    this package's module ("builtin"). Both score the first batches × batch_size validation rows at
-    every depth of the point."""
-    if evaluator not in EVALUATORS:
-        raise ValueError(f"evaluator must be one of {EVALUATORS}, got {evaluator!r}")
+def depth_sweep_command(point: Point, output: str, python: str = sys.executable) -> list[str]:
+    """The evaluation package's depth_sweep task (`python -m parcae_jax.eval`, with the package's own
+    eval config, so an installed copy works without a checkout). Without `batches` in the sweep spec
+    it scores the run's own validation set, so at the training recurrence it reproduces the trainer's
+    final `val_loss`; with it, the split's first batches × batch_size rows."""
     depths = ",".join(str(d) for d in point.test_depths)
-    batches, batch_size = point.depth_sweep_batches, point.depth_sweep_batch_size
-    rows = -1 if batches is None else batches * batch_size
-    have_eval = (REPO / EVAL_SCRIPT).exists() and (REPO / EVAL_CONFIG).exists()
-    if evaluator == "eval" or (evaluator == "auto" and have_eval):
-        return [
-            python, EVAL_SCRIPT, "--config", f"{EVAL_CONFIG}:depth_sweep",
-            f"--config.checkpoint={point.workdir}", f"--config.output={output}",
-            f"--config.sweep_depths={depths}", f"--config.batch_size={point.depth_sweep_batch_size}",
-            f"--config.max_rows={rows}",
-        ]  # fmt: skip
-    cmd = [python, "-m", "parcae_jax.scaling.depth_sweep", "--workdir", point.workdir, "--output", output]
-    cmd += ["--depths", depths, "--batch-size", str(point.depth_sweep_batch_size)]
-    if point.depth_sweep_batches is not None:
-        cmd += ["--batches", str(point.depth_sweep_batches)]
-    return cmd
+    batches = point.depth_sweep_batches
+    rows = 0 if batches is None else batches * point.depth_sweep_batch_size
+    return [
+        python, "-m", "parcae_jax.eval", "--config", f"{eval_config.__file__}:depth_sweep",
+        f"--config.checkpoint={point.workdir}", f"--config.output={output}",
+        f"--config.sweep_depths={depths}", f"--config.batch_size={point.depth_sweep_batch_size}",
+        f"--config.max_rows={rows}",
+    ]  # fmt: skip
 
 
 def read_depth_sweep(path: pathlib.Path) -> dict:
-    """{"depths", "losses", "source"} from this package's file or from eval.py's results document
-    (`tasks.depth_sweep.{depths, losses, fit}`)."""
+    """{"depths", "losses", "source"} (+ "fit") from eval's results document (`tasks.depth_sweep`)."""
     data = json.loads(path.read_text())
     task = data.get("tasks", {}).get("depth_sweep")
-    if task is not None:
-        out = {"depths": task["depths"], "losses": task["losses"], "source": "eval.py"}
-        return out | ({"fit": task["fit"]} if task.get("fit") else {})
-    if "depths" in data and "losses" in data:
-        return {"depths": data["depths"], "losses": data["losses"], "source": data.get("source", str(path))}
-    raise ValueError(f"{path}: no per-depth losses (neither tasks.depth_sweep nor depths/losses)")
+    if task is None or "losses" not in task:
+        raise ValueError(f"{path}: no per-depth losses (tasks.depth_sweep)")
+    out = {"depths": task["depths"], "losses": task["losses"], "source": "eval.py"}
+    return out | ({"fit": task["fit"]} if task.get("fit") else {})
 
 
 def final_metrics(workdir: str) -> dict:
@@ -152,7 +140,7 @@ def _run_logged(cmd: list[str], log_path: pathlib.Path, folder: pathlib.Path, st
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         info = {"pid": proc.pid, "runner_pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
                 "started": time.time()}  # fmt: skip
-        state.write_json(folder / state.RUNNING_FILE, info)
+        fileio.write_json_atomic(folder / state.RUNNING_FILE, info)
         try:
             returncode = proc.wait()
         except BaseException:  # Ctrl-C: stop the child too; train.py saves on SIGTERM
@@ -169,7 +157,6 @@ def run_point(
     folder: pathlib.Path,
     point: Point,
     launcher: str,
-    evaluator: str,
     say: Callable[[str], None],
     launcher_args: Sequence[str] = (),
     poll_seconds: float = 60.0,
@@ -192,11 +179,11 @@ def run_point(
         output = folder / DEPTH_SWEEP_FILE
         say(f"{point.name}: depth sweep at {list(point.test_depths)}")
         t1 = time.perf_counter()
-        _run_logged(depth_sweep_command(point, str(output), evaluator), log_path, folder, "depth_sweep")
+        _run_logged(depth_sweep_command(point, str(output)), log_path, folder, "depth_sweep")
         sweep = read_depth_sweep(output) | {"seconds": time.perf_counter() - t1}
     result = build_result(point, last_row, sweep)
     result["wall_s"] = {"train": train_s, "total": time.perf_counter() - t0}
-    state.write_json(folder / state.RESULT_FILE, result)
+    fileio.write_json_atomic(folder / state.RESULT_FILE, result)
     return result
 
 
@@ -204,7 +191,6 @@ def run_sweep(
     root: str | os.PathLike,
     *,
     launcher: str = "local",
-    evaluator: str = "auto",
     launcher_args: Sequence[str] = (),
     poll_seconds: float = 60.0,
     retry_failed: bool = False,
@@ -221,7 +207,10 @@ def run_sweep(
             raise KeyError(f"unknown points {sorted(unknown)}; the plan has {[p.name for p in points]}")
         points = [p for p in points if p.name in only]
     if launcher == "pod" and not dry_run and not (REPO / POD_LAUNCHER).exists():
-        raise FileNotFoundError(f"{REPO / POD_LAUNCHER} not found (multi-host issue); use --dry-run to print")
+        raise FileNotFoundError(
+            f"{REPO / POD_LAUNCHER} not found: --launcher pod needs the TPU scripts of a repository "
+            "checkout (tpu_setup/); run from a checkout, use --launcher local, or --dry-run to print"
+        )
     outcome = {}
     for point in points:
         folder = root / point.name
@@ -235,11 +224,11 @@ def run_sweep(
             outcome[point.name] = status.state
             continue
         try:
-            result = run_point(folder, point, launcher, evaluator, say, launcher_args, poll_seconds)
+            result = run_point(folder, point, launcher, say, launcher_args, poll_seconds)
         except (PointFailed, ValueError, OSError) as e:
             stage = getattr(e, "stage", "evaluate")
             tail = _tail(folder / LOG_FILE)
-            state.write_json(folder / state.FAILED_FILE, {
+            fileio.write_json_atomic(folder / state.FAILED_FILE, {
                 "stage": stage, "returncode": getattr(e, "returncode", None), "error": str(e),
                 "time": time.time(), "log_tail": tail,
             })  # fmt: skip

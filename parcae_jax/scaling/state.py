@@ -29,14 +29,6 @@ RESULT_FILE = "result.json"
 STATES = ("done", "running", "pending", "failed")
 
 
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write-then-rename, so a reader never sees half a file."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def read_json(path: str | os.PathLike) -> dict | None:
     path = pathlib.Path(path)
     if not path.exists():

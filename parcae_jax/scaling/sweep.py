@@ -2,13 +2,13 @@
 
 A sweep config (`configs/sweeps/*.py`, `get_config()`) names a base run config, overrides for every
 point, the mean recurrences with a backprop-depth rule, the FLOP budgets and the test-time depth
-sweep. `plan_points` turns it into points: the exact `train.py` overrides, the token and step budget
+sweep. `plan_points` turns it into points: the exact `parcae_jax.train` overrides, the token and step budget
 from `flops.training_budget` (tokens = ⌊budget / FLOPs-per-token⌋, steps = tokens // tokens-per-step),
 and the FLOPs. `write_plan` lays them out as
 
     ROOT/sweep.json            the sweep config and the point names, in run order
     ROOT/<point>/point.json    one point (below); the folder is also the training workdir
-    ROOT/<point>/command.sh    its exact train.py command
+    ROOT/<point>/command.sh    its exact training command
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 
 import ml_collections
 
-from parcae_jax import flops
+from parcae_jax import fileio, flops
 from parcae_jax.cli_config import load_config
 
-REPO = pathlib.Path(__file__).resolve().parents[2]  # where train.py and configs/ live
+REPO = pathlib.Path(__file__).resolve().parents[2]  # where configs/ live; commands run there
 PLAN_FILE = "sweep.json"
 POINT_FILE = "point.json"
 COMMAND_FILE = "command.sh"
@@ -70,7 +70,7 @@ class Point:
     mean_backprop_depth: int
     flop_budget: float
     base_config: str
-    overrides: tuple[str, ...]  # `a.b=value`, in the order they are passed to train.py
+    overrides: tuple[str, ...]  # `a.b=value`, in the order they are passed to training
     workdir: str
     tokens: int  # token budget ⌊budget / flops_per_token⌋
     steps: int
@@ -85,12 +85,13 @@ class Point:
     depth_sweep_batch_size: int
 
     def train_args(self) -> list[str]:
-        """Everything after `python train.py`."""
+        """Everything after `python -m parcae_jax.train`."""
         args = ["--config", self.base_config, "--workdir", self.workdir]
         return args + [f"--config.{o}" for o in self.overrides]
 
     def command(self, python: str = "python") -> list[str]:
-        return [python, "train.py", *self.train_args()]
+        # the module, not the checkout's train.py, so that an installed package runs sweeps too
+        return [python, "-m", "parcae_jax.train", *self.train_args()]
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -211,7 +212,7 @@ def write_plan(sweep, sweep_path: str, root: str | os.PathLike, points: list[Poi
                     "use a new --root (or delete that point's folder)"
                 )
         folder.mkdir(exist_ok=True)
-        (folder / POINT_FILE).write_text(json.dumps(point.to_json(), indent=2) + "\n")
+        fileio.write_json_atomic(folder / POINT_FILE, point.to_json())
         script = "#!/usr/bin/env bash\nset -euo pipefail\n"
         script += f"cd {shlex.quote(str(REPO))}\n{shlex.join(point.command())}\n"
         (folder / COMMAND_FILE).write_text(script)
@@ -222,7 +223,7 @@ def write_plan(sweep, sweep_path: str, root: str | os.PathLike, points: list[Poi
         "config": sweep.to_dict(),
         "points": [p.name for p in points],
     }
-    (root / PLAN_FILE).write_text(json.dumps(plan, indent=2, default=list) + "\n")
+    fileio.write_json_atomic(root / PLAN_FILE, fileio.to_jsonable(plan))
 
 
 def read_plan(root: str | os.PathLike) -> tuple[dict, list[Point]]:
