@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 
-from parcae_jax import loading, pretrained, weights
+from parcae_jax import fileio, loading, pretrained, weights
 from parcae_jax.config import ModelConfig, write_folder_config
 
 
@@ -48,18 +46,10 @@ def export_official(model, extra, dst: str | os.PathLike, *, overwrite: bool = F
             continue
         t = torch.from_numpy(arr.copy())
         tensors[key] = seen[id(arr)] = t
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with fileio.replacing_folder(dst) as tmp:
         write_folder_config(cfg, tmp, native=False)
         torch.save(type(arrays)(tensors), tmp / "model.pt")
         save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -7,10 +7,15 @@ Writes are atomic: a reader sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import pathlib
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -102,3 +107,20 @@ def to_jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, str | int | float):
         return obj
     return str(obj)
+
+
+@contextlib.contextmanager
+def replacing_folder(dst: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Build a local folder atomically: write into the yielded temporary sibling; on success it
+    replaces `dst` in one rename, on any error it is removed and `dst` is left as it was."""
+    dst = pathlib.Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

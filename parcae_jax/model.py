@@ -79,8 +79,14 @@ class _LM(nnx.Module):
     """Pieces shared by Parcae and GPT: embeddings, value embeddings, head, RoPE positions."""
 
     config: ModelConfig
+    arch: str  # the config arch the subclass builds
 
-    def _init_embeddings(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        """Checks and the embeddings/head, created first (the parameter init order is fixed)."""
+        if cfg.arch != self.arch:
+            raise ValueError(f"{type(self).__name__} needs a {self.arch} config, got arch={cfg.arch!r}")
+        inits.check_strategy(cfg)
+        self.config = cfg
         V, d = cfg.padded_vocab, cfg.n_embd
         self.wte = Embed(
             V, d, axes=("vocab", "embed"), init_fn=inits.matrix(cfg, cfg.embedding_std), cfg=cfg, rngs=rngs
@@ -160,13 +166,11 @@ class _LM(nnx.Module):
 class Parcae(_LM):
     """`model(ids, num_steps=R, initial_state=h0)` → logits [B, L, V_padded] (evaluation semantics)."""
 
+    arch = "parcae"
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        if cfg.arch != "parcae":
-            raise ValueError(f"Parcae needs a Parcae config, got arch={cfg.arch!r}")
-        inits.check_strategy(cfg)
-        self.config = cfg
+        super().__init__(cfg, rngs)
         d = cfg.n_embd
-        self._init_embeddings(cfg, rngs)
         ids = cfg.layer_ids()
 
         def stage(name, width, heads, kv_heads, hidden):
@@ -325,12 +329,10 @@ class Parcae(_LM):
 class GPT(_LM):
     """The non-looped baseline with the same layers: `model(ids)` → logits [B, L, V_padded]."""
 
+    arch = "gpt"
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        if cfg.arch != "gpt":
-            raise ValueError(f"GPT needs a GPT config, got arch={cfg.arch!r}")
-        inits.check_strategy(cfg)
-        self.config = cfg
-        self._init_embeddings(cfg, rngs)
+        super().__init__(cfg, rngs)
         self.h = _blocks(cfg, cfg.layer_ids()["h"], cfg.n_embd, cfg.num_attention_heads, cfg.n_kv_heads,
                          cfg.mlp_hidden, rngs)
         self.ln_f = Norm(cfg.n_embd, cfg)

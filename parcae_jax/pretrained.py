@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
-import tempfile
 
 import numpy as np
 import orbax.checkpoint as ocp
 
-from parcae_jax import weights
+from parcae_jax import fileio, weights
 from parcae_jax.config import read_folder_config, write_folder_config
 from parcae_jax.model import GPT, Parcae, build_model
 
@@ -119,9 +117,7 @@ def save_pretrained(model: Parcae | GPT, path: str | os.PathLike, *, extra=None,
     path = pathlib.Path(path).expanduser().resolve()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another destination or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with fileio.replacing_folder(path) as tmp:
         write_folder_config(model.config, tmp, native=True)
         arrays = {_join_path(k): v for k, v in weights.model_arrays(model).items()}
         ckpt = ocp.StandardCheckpointer()
@@ -129,10 +125,4 @@ def save_pretrained(model: Parcae | GPT, path: str | os.PathLike, *, extra=None,
         ckpt.wait_until_finished()
         if extra:
             np.savez(tmp / "extra.npz", **extra)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

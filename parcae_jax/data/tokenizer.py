@@ -31,13 +31,13 @@ import heapq
 import io
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from parcae_jax import fileio
 from parcae_jax.data import sources
 
 MODEL_FILE = "tokenizer.model"
@@ -448,10 +448,7 @@ def train_tokenizer(inputs: Sequence[str], vocab_size: int, output_dir: str,
         ) from None
     del documents
 
-    tmp_dir = f"{output_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
-    try:
+    with fileio.replacing_folder(output_dir) as tmp_dir:  # the complete folder appears in one step
         with open(os.path.join(tmp_dir, MODEL_FILE), "wb") as f:
             f.write(_machine_independent(model_bytes.getvalue()))
         tokenizer = SentencePieceTokenizer(os.path.join(tmp_dir, MODEL_FILE))
@@ -466,11 +463,6 @@ def train_tokenizer(inputs: Sequence[str], vocab_size: int, output_dir: str,
         with open(os.path.join(tmp_dir, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2, sort_keys=True)
             f.write("\n")
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp_dir, output_dir)  # the complete folder appears in one step
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     log(f"tokenizer: wrote {output_dir} in {time.time() - started:.1f} s")
     return SentencePieceTokenizer(os.path.join(output_dir, MODEL_FILE))
 
