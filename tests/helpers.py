@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
+import sys
 
 import numpy as np
 
@@ -57,6 +59,36 @@ def tiny_parcae(**overrides) -> ModelConfig:
     return ModelConfig.from_dict(d)
 
 
+def perturbed(model, scale: float = 0.05):
+    """Randomise the zero-initialised output projections (in place) so every block changes its input."""
+    import jax
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(7), 1000))
+    nnx.update(model, jax.tree.map(lambda v: v + scale * jax.random.normal(next(keys), v.shape), state))
+    return model
+
+
+@functools.cache
+def tiny_parcae_model(**overrides):
+    """A built, perturbed `tiny_parcae(**overrides)` (seed 1), one per process: tests only read it."""
+    from parcae_jax.model import build_model
+
+    return perturbed(build_model(tiny_parcae(**overrides), seed=1))
+
+
+@functools.cache
+def tiny_gpt_model():
+    """A built, perturbed tiny GPT baseline (GQA: 1 kv head, seed 2), one per process: tests only read it."""
+    from parcae_jax.model import build_model
+
+    d = presets.released("gpt-small-140m")
+    d.update(block_size=32, vocab_size=64, padding_multiple=64, n_embd=32, num_attention_heads=2,
+             num_key_value_heads=1, intermediate_size=64, n_layer=3, compute_dtype="float32")
+    return perturbed(build_model(ModelConfig.from_dict(d), seed=2))
+
+
 def write_token_dataset(path, *, vocab_size: int = 256, docs: int = 200, val_docs: int = 20, seed: int = 0):
     """A small prepared dataset (shards + metadata.json) of learnable synthetic documents.
 
@@ -103,3 +135,22 @@ def write_token_dataset(path, *, vocab_size: int = 256, docs: int = 200, val_doc
     }
     fileio.write_json_atomic(shards.join(str(path), "metadata.json"), meta, sort_keys=True)
     return str(path)
+
+
+def run_cli(main, argv: list[str], monkeypatch) -> int | str | None:
+    """A command-line entry point `main(argv)` (absl app) run in process: its exit code, None for
+    success (a str is what the process would print before exiting with status 1).
+
+    sys.argv is set to `argv`: ml_collections' config flag reads its `--config.x=y` overrides from it.
+    The override flags a previous run defined are removed first: config_flags defines them anew at each
+    parse and refuses to define one twice."""
+    from absl import flags
+
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)
+    monkeypatch.setattr(sys, "argv", list(argv))
+    try:
+        main(list(argv))
+    except SystemExit as e:
+        return e.code
+    raise AssertionError(f"{argv[0]} returned without exiting")

@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import tiny_parcae, write_token_dataset
+from helpers import perturbed, tiny_gpt_model, tiny_parcae, tiny_parcae_model, write_token_dataset
 
-from parcae_jax import depth_report, engine, kv_cache, loading, losses, presets
+from parcae_jax import depth_report, engine, kv_cache, loading, losses
 from parcae_jax import generate as cli
-from parcae_jax.config import ModelConfig
 from parcae_jax.model import build_model, init_state
 from parcae_jax.sampling import Sampling, sample_tokens
 
@@ -24,25 +23,8 @@ NEW = 8
 MAX_DEPTH = 6
 
 
-def perturbed(model, scale=0.05):
-    """Randomise the zero-initialised output projections so every block changes its input."""
-    state = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(7), 1000))
-    nnx.update(model, jax.tree.map(lambda v: v + scale * jax.random.normal(next(keys), v.shape), state))
-    return model
-
-
-@functools.cache
-def parcae_model(**overrides):
-    return perturbed(build_model(tiny_parcae(**overrides), seed=1))
-
-
-@functools.cache
-def gpt_model():
-    d = presets.released("gpt-small-140m")
-    d.update(block_size=32, vocab_size=64, padding_multiple=64, n_embd=32, num_attention_heads=2,
-             num_key_value_heads=1, intermediate_size=64, n_layer=3, compute_dtype="float32")
-    return perturbed(build_model(ModelConfig.from_dict(d), seed=2))
+parcae_model = tiny_parcae_model  # shared with test_model (seed 1, perturbed)
+gpt_model = tiny_gpt_model
 
 
 _full_forward = nnx.jit(lambda m, ids, h0, n: m(ids, num_steps=n, initial_state=h0))

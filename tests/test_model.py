@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import tiny_parcae
+from helpers import tiny_parcae, tiny_parcae_model
 
 from parcae_jax import losses, presets, sharding
 from parcae_jax.config import ModelConfig
@@ -19,16 +19,9 @@ from parcae_jax.model import abstract_model, build_model
 B, T = 2, 16
 
 
-@functools.cache
-def tiny(**overrides):
-    cfg = tiny_parcae(**overrides)
-    model = build_model(cfg, seed=1)
-    # Perturb the zero-initialised output projections so every block does something.
-    state = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(7), 1000))
-    perturbed = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(next(keys), v.shape), state)
-    nnx.update(model, perturbed)
-    return model
+# The shared tiny Parcae (seed 1), its zero-initialised output projections perturbed so every block does
+# something.
+tiny = tiny_parcae_model
 
 
 def ids_and_h0(model, seed=0):
@@ -189,6 +182,48 @@ def test_remat_gives_identical_gradients():
     for g in grads.values():
         for (p, a), (_, b) in zip(nnx.to_flat_state(g), nnx.to_flat_state(plain), strict=True):
             np.testing.assert_allclose(a[...], b[...], atol=1e-6, err_msg=str(p))
+
+
+def _primitive_names(jaxpr) -> list[str]:
+    """Every equation's primitive in `jaxpr`, sub-jaxprs (scan/cond/while/checkpoint bodies) included."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        stack = list(eqn.params.values())
+        while stack:
+            v = stack.pop()
+            if isinstance(v, list | tuple):
+                stack.extend(v)
+            elif hasattr(v, "eqns"):
+                names += _primitive_names(v)
+            elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+                names += _primitive_names(v.jaxpr)
+    return names
+
+
+@pytest.mark.parametrize("impl", ["per-iteration", "per-block,in-coda", "per-block"])
+def test_remat_puts_checkpoints_in_the_gradient_program(impl):
+    """remat=True must reach the traced program: the training-loss gradient holds checkpoint (remat)
+    equations, and without remat it holds none (identical gradients alone cannot tell)."""
+    ids, h0 = ids_and_h0(tiny())
+    labels = jnp.roll(ids, -1, axis=1)
+    n, k = jnp.full((B,), 1), jnp.full((B,), 2)
+
+    def checkpoints(cfg) -> int:
+        graphdef, state = nnx.split(build_model(cfg))
+
+        def loss(state):
+            model = nnx.merge(graphdef, state)
+            logits, _ = model.forward_train(ids, n, k, max_grad_steps=2, initial_state=h0)
+            return losses.cross_entropy(logits, labels)[0]
+
+        names = _primitive_names(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+        assert "scan" in names or "while" in names  # the search does reach into the recurrence
+        return sum(name in ("checkpoint", "remat", "remat2") for name in names)
+
+    base = tiny().config
+    assert checkpoints(base.replace(remat=False, activation_checkpoint_impl=impl)) == 0
+    assert checkpoints(base.replace(remat=True, activation_checkpoint_impl=impl)) > 0
 
 
 def test_telemetry_at_init():

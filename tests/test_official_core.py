@@ -113,6 +113,7 @@ def run_core(folder, tmp_path, *extra):
     return results, samples
 
 
+@pytest.mark.slow
 def test_core_on_an_official_folder_reproduces_the_official_decisions(official_folder, tmp_path):
     folder, tok = official_folder
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.pt", "model.safetensors",

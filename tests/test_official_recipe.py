@@ -164,6 +164,7 @@ def run_one_step(normalization, batch, mesh_shape=(2, 1, 4)):
     return float(metrics["loss"]), np.asarray(nll).reshape(inputs.shape), setup
 
 
+@pytest.mark.slow
 def test_padded_step_loss_equals_the_official_normalisation():
     rng = np.random.default_rng(1)
     inputs = rng.integers(3, 64, size=(2, 4, 8)).astype(np.int32)  # accumulation 2 x (2 devices x 2 rows)

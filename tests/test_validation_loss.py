@@ -31,7 +31,7 @@ SMALL = [
 ]
 
 
-@pytest.mark.parametrize("packing", ["best-fit", "bos"])
+@pytest.mark.parametrize("packing", [pytest.param("best-fit", marks=pytest.mark.slow), "bos"])
 def test_eval_loss_on_a_workdir_equals_the_trainers_val_loss(tmp_path, packing):
     dataset = write_token_dataset(tmp_path / "data", vocab_size=256)
     overrides = [*SMALL, "data.source=dir", f"data.dataset_dir={dataset}", f"data.packing={packing}"]
