@@ -241,7 +241,8 @@ class Parcae(_LM):
             for j, (blk, ve) in enumerate(zip(core, ves, strict=True)):
                 kv = None if layer_kv is None else layer_kv(j)
                 if per_block:
-                    x = jax.checkpoint(lambda x, ve, b=blk: b(x, ve, *rope), policy=policy)(x, ve)
+                    block = jax.checkpoint(lambda x, ve, b=blk, kv=kv: b(x, ve, *rope, kv=kv), policy=policy)
+                    x = block(x, ve)
                 else:
                     x = blk(x, ve, *rope, kv=kv)
             return x
