@@ -35,6 +35,13 @@ def load_npy(case: str, name: str) -> np.ndarray:
     return np.load(case_dir(case) / name)
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test subprocess faking `devices` CPU devices (compiling as fast as the suite does)."""
+    from conftest import FAST_COMPILE_FLAGS
+
+    return f"{FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count={devices}"
+
+
 def tiny_parcae(**overrides) -> ModelConfig:
     """A very small Parcae with every 140M architecture choice (VE, qk-norm, prelude norm, ...)."""
     d = presets.released("parcae-small-140m")

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import write_token_dataset
+from helpers import write_token_dataset, xla_flags
 from test_train import REPO, SMALL, TINY, finished_steps, logged_steps, small_config
 
 from parcae_jax.metrics import read_metrics
@@ -51,7 +51,7 @@ def command(workdir, dataset, *extra):
 
 def env_for(devices: int, **extra) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     env.update(extra)
     return env
 

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import run_cli, write_token_dataset
+from helpers import run_cli, write_token_dataset, xla_flags
 
 from parcae_jax import checkpointing, sharding, train_step
 from parcae_jax.cli_config import load_config
@@ -174,7 +174,7 @@ def train_argv(workdir, dataset, *extra) -> list[str]:
 def start_train(workdir, dataset, devices: int, log_path, *extra) -> subprocess.Popen:
     """`python train.py ...` as a command, output to a file (a full pipe would block the run)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *train_argv(workdir, dataset, *extra)],
                             env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, text=True)
     proc.log_path = log_path
@@ -351,7 +351,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(dataset, tmp_path):
 
     workdir = tmp_path / "preempted"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla_flags(1))
     args = [sys.executable, str(REPO / "train.py"), "--config", TINY, "--workdir", str(workdir),
             *[f"--config.{o}" for o in SMALL], "--config.data.source=dir",
             f"--config.data.dataset_dir={dataset}", "--config.train.max_steps=100000",
