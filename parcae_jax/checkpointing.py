@@ -6,7 +6,12 @@
 
 `step` is the number of optimiser steps taken. Orbax writes each checkpoint to a temporary folder and
 renames it when every host has finished, so a crash mid-save never leaves a checkpoint that looks
-complete; `latest_step()` only sees finished ones. Restoring takes the *abstract* train state of the
+complete; `latest_step()` only sees finished ones. Once a step is final, process 0 records every file's
+size and CRC-32 in `<step>/integrity.json` (`integrity`); a restore first checks the newest step
+against it (and Orbax's own metadata files), moves a damaged step aside to `<step>.corrupt` and falls
+back to the previous intact one. A save that fails (full disk, lost permissions) stops the run with one
+line, its partial folder removed; before each save the free space is checked against the size of the
+previous checkpoint. Restoring takes the *abstract* train state of the
 current run (shapes, dtypes and shardings), so a checkpoint written on one mesh restores onto another.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 from typing import Any
@@ -21,9 +27,11 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from parcae_jax import fileio
+from parcae_jax import errors, fileio, integrity
 from parcae_jax.config import ModelConfig
+from parcae_jax.errors import NotFoundError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +59,24 @@ _SHAPE_FIELDS = (
 )
 
 
-class CheckpointError(RuntimeError):
+# Orbax's own metadata: a step folder without any of these cannot be restored, manifest or not.
+REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt", "meta/metadata",
+                  "data/metadata")
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used by this run (message names the mismatch and the fix)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written; the run stops, the last good checkpoint stays."""
+
+
+def finished_steps(workdir: str | os.PathLike) -> list[int]:
+    """The finished checkpoint steps of a workdir, without opening a CheckpointManager."""
+    folder = epath.Path(checkpoint_dir(workdir))
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -80,10 +104,16 @@ class Checkpointer:
             keep_period=keep_period,  # steps divisible by it are never deleted
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=True,  # what a killed save left behind
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
+        self._unsealed: int | None = None  # saved, not yet known to be final and recorded
+        self._last_size: int | None = None  # bytes of the newest checkpoint (for the free-space check)
+
+    def step_dir(self, step: int) -> str:
+        return f"{self.directory.rstrip('/')}/{step}"
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -91,16 +121,103 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def latest_intact_step(self, *, move_aside: bool) -> int | None:
+        """The newest finished step whose files are intact. Damaged newer ones are reported in one line
+        each and, with `move_aside` (training: process 0 renames them to `<step>.corrupt`), taken out of
+        the way so the run continues from the step before."""
+        chosen = None
+        for step in sorted(self.all_steps(), reverse=True):
+            problem = integrity.problem(self.step_dir(step), REQUIRED_FILES)
+            if problem is None:
+                chosen = step
+                break
+            where = self.step_dir(step)
+            if move_aside and jax.process_index() == 0:
+                aside = _free_name(where + CORRUPT_SUFFIX)
+                epath.Path(where).rename(aside)
+                log.warning("checkpoint %s is damaged (%s): moved aside to %s; using the previous one",
+                            where, problem, aside)
+            else:
+                log.warning("checkpoint %s is damaged (%s); using the previous one", where, problem)
+        if move_aside and chosen != self.latest_step():
+            _sync_processes("parcae_jax_checkpoint_integrity")
+            self.manager.reload()
+        if chosen is not None:
+            self._last_size = integrity.total_size(self.step_dir(chosen))
+        return chosen
+
     def save(self, step: int, state: Any, data_state: dict | None, meta: dict, *, force: bool = True) -> bool:
-        """Start an (asynchronous) save of `state` at `step`; returns False if one exists already."""
+        """Start an (asynchronous) save of `state` at `step`; returns False if one exists already.
+        Raises CheckpointSaveError when the previous save failed or the disk has no room for this one."""
         if step in self.manager.all_steps():
             return False
+        self.seal()
+        self._check_free_space(step, state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(fileio.to_jsonable(meta)),
         )
-        return bool(self.manager.save(step, args=args, force=force))
+        try:
+            started = bool(self.manager.save(step, args=args, force=force))
+        except OSError as e:  # a synchronous part of the save (directory creation) failed
+            self._failed(step, e)
+        self._unsealed = step if started else None
+        return started
+
+    def check_for_errors(self) -> None:
+        """Raise CheckpointSaveError if the asynchronous save in flight has failed (cheap: every step)."""
+        if self._unsealed is None:
+            return
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            self._failed(self._unsealed, e)
+
+    def seal(self) -> None:
+        """Wait for the save in flight; once its step is final, record its manifest (process 0)."""
+        if self._unsealed is None:
+            return
+        step = self._unsealed
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            self._failed(step, e)
+        self._unsealed = None
+        if jax.process_index() == 0 and step in self.manager.all_steps():
+            self._last_size = integrity.write_manifest(self.step_dir(step))
+
+    def _failed(self, step: int | None, err: BaseException):
+        """Remove what the failed save left and stop the run with one line."""
+        self._unsealed = None
+        try:
+            self.manager.wait_until_finished()  # other writes of the failed save may still be running
+        except Exception:
+            pass  # the failure is reported below
+        if jax.process_index() == 0 and step is not None:
+            for partial in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+                partial.rmtree(missing_ok=True)
+        last = self.latest_step()
+        reason = errors.one_line(err) or f"{type(err).__name__}: {err}"
+        raise CheckpointSaveError(
+            f"saving checkpoint {step} to {self.directory} failed ({reason}); the run stops here and its "
+            f"last good checkpoint is {'step ' + str(last) if last is not None else 'none'}: fix the cause "
+            "and rerun the same command to resume"
+        ) from err
+
+    def _check_free_space(self, step: int, state: Any) -> None:
+        if fileio.is_remote(self.directory):
+            return  # object stores report no free space
+        need = self._last_size or sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            last = self.latest_step()
+            raise CheckpointSaveError(
+                f"{self.directory}: {free / 2**20:.1f} MiB free, checkpoint {step} needs about "
+                f"{need / 2**20:.1f} MiB; the run stops here and its last good checkpoint is "
+                f"{'step ' + str(last) if last is not None else 'none'}: free space and rerun to resume"
+            )
 
     def read_meta(self, step: int) -> dict:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -128,11 +245,29 @@ class Checkpointer:
         return restored["state"], restored["data"], restored["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self.seal()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.seal()
+        finally:
+            self.manager.close()
+
+
+def _free_name(path: str) -> str:
+    """`path`, or `path.1`, `path.2`, ... when it is taken (a step damaged twice)."""
+    candidate, i = path, 0
+    while epath.Path(candidate).exists():
+        i += 1
+        candidate = f"{path}.{i}"
+    return candidate
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def check_compatible(meta: dict, model_cfg: ModelConfig, where: str) -> None:
@@ -207,10 +342,13 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None, **overrid
     try:
         steps = ckpt.all_steps()
         if not steps:
-            raise FileNotFoundError(f"{ckpt.directory} holds no finished checkpoint")
-        step = max(steps) if step is None else step
+            raise NotFoundError(f"{ckpt.directory} holds no finished checkpoint")
+        if step is None:
+            step = ckpt.latest_intact_step(move_aside=False)
+            if step is None:
+                raise CheckpointError(f"every checkpoint in {ckpt.directory} is damaged ({sorted(steps)})")
         if step not in steps:
-            raise FileNotFoundError(f"{ckpt.directory} has no checkpoint at step {step}; "
+            raise NotFoundError(f"{ckpt.directory} has no checkpoint at step {step}; "
                                     f"available: {sorted(steps)}")
         meta = ckpt.read_meta(step)
         model = build_model(ModelConfig.from_dict({**meta["model"], **overrides}), seed=0)

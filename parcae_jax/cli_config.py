@@ -15,16 +15,19 @@ same thing in both places. On top of it:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from parcae_jax.errors import ConfigError, UserError
+
 _FLAG = "config"
 
 
-class UnknownConfigKeyError(KeyError):
+class UnknownConfigKeyError(UserError, KeyError):
     """An override names a key the config does not have (the message lists the valid ones)."""
 
     def __str__(self) -> str:  # KeyError would print the message inside quotes
@@ -48,7 +51,7 @@ def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[
             continue
         if not has_eq:  # value in the next argument
             if i + 1 >= len(args):
-                raise ValueError(f"{arg} needs a value")
+                raise ConfigError(f"{arg} needs a value")
             value = args[i + 1]
             i += 1
         if name == _FLAG:
@@ -79,24 +82,30 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         try:
             flag_values(argv)
         except flags.Error as e:  # e.g. "could not convert string to float"
-            raise ValueError(f"bad config override: {e}") from None
+            raise ConfigError(f"bad config override: {e}") from None
         config = flag_values[_FLAG].value
     for key, value in last_value.items():
         if value == "None":
             parent, _, leaf = key.rpartition(".")
             section = _get_section(config, parent)
             if isinstance(section[leaf], ml_collections.ConfigDict):
-                raise ValueError(f"cannot set the section {_FLAG}.{key} to None")
+                raise ConfigError(f"cannot set the section {_FLAG}.{key} to None")
             setattr(section, leaf, None)
     config.lock()
     return config
 
 
 def _load_file(path: str) -> ml_collections.ConfigDict:
+    file = path.partition(":")[0]
+    if not os.path.isfile(os.path.expanduser(file)):
+        raise ConfigError(f"config file {file} does not exist; pass --config configs/NAME.py (see configs/)")
     flag_values = flags.FlagValues()
     argv = ["load_config", f"--{_FLAG}={path}"]
     holder = config_flags.DEFINE_config_file(_FLAG, flag_values=flag_values, sys_argv=argv, lock_config=True)
-    flag_values(argv)
+    try:
+        flag_values(argv)
+    except flags.Error as e:  # get_config(arg) refused its argument, or the file does not run
+        raise ConfigError(f"config {path}: {e}") from None
     config = holder.value
     if not isinstance(config, ml_collections.ConfigDict):
         config.keys()  # config_flags' stand-in for a failed load raises the load error on any attribute
@@ -110,7 +119,7 @@ def _split_override(override: str) -> tuple[str, str]:
         text = text[len(_FLAG) + 1 :]
     key, has_eq, value = text.partition("=")
     if not has_eq or not key:
-        raise ValueError(f"override {override!r} must look like a.b=value")
+        raise ConfigError(f"override {override!r} must look like a.b=value")
     return key, value
 
 
@@ -144,4 +153,4 @@ def _check_no_parent_override(keys: list[str]) -> None:
     for a in keys:
         for b in keys:
             if b.startswith(a + "."):
-                raise ValueError(f"overrides of both {_FLAG}.{a} and {_FLAG}.{b}: set one or the other")
+                raise ConfigError(f"overrides of both {_FLAG}.{a} and {_FLAG}.{b}: set one or the other")

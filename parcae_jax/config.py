@@ -22,6 +22,8 @@ import typing
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
+from parcae_jax.errors import ConfigError, NotFoundError
+
 INJECTION_TYPES = ("diagonal", "linear", "add")
 STATE_INITS = ("normal", "embed", "like-init", "zero", "unit")
 NORM_CLASSES = ("RMSNorm", "LayerNorm")
@@ -166,9 +168,9 @@ class ModelConfig:
             arch = by_name.get(class_name, "parcae" if cls is ModelConfig else cls.arch)
         config_cls = _config_class(arch)
         if class_name is not None and class_name != config_cls.__name__:
-            raise ValueError(f"config says _class_name={class_name!r} but arch={arch!r}")
+            raise ConfigError(f"config says _class_name={class_name!r} but arch={arch!r}")
         if cls is not ModelConfig and cls is not config_cls:
-            raise ValueError(f"{cls.__name__}.from_dict got a config of arch {arch!r}")
+            raise ConfigError(f"{cls.__name__}.from_dict got a config of arch {arch!r}")
         valid = field_names(arch) + ["arch"]
         unknown = sorted(set(d) - set(valid))
         if unknown:
@@ -200,7 +202,7 @@ class ModelConfig:
     # ---- validation -----------------------------------------------------------------------------
     def _check(self, cond: bool, msg: str) -> None:
         if not cond:
-            raise ValueError(f"invalid model config ({self.name or self.arch}): {msg}")
+            raise ConfigError(f"invalid model config ({self.name or self.arch}): {msg}")
 
     def validate(self) -> None:
         """Refuse what the port cannot do as the official code does (messages carry the values)."""
@@ -425,7 +427,7 @@ CLASS_NAMES = {arch: c.__name__ for arch, c in ARCHS.items()}
 
 def _config_class(arch: str) -> type[ModelConfig]:
     if arch not in ARCHS:
-        raise ValueError(f"unknown model arch {arch!r}: expected 'parcae' or 'gpt'")
+        raise ConfigError(f"unknown model arch {arch!r}: expected 'parcae' or 'gpt'")
     return ARCHS[arch]
 
 
@@ -468,7 +470,7 @@ def read_folder_config(folder: str | os.PathLike) -> ModelConfig:
     """The config of a model folder: a native `config.json` (every field) or an official one."""
     cfg_file = pathlib.Path(folder) / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: a model folder needs a config.json")
+        raise NotFoundError(f"{cfg_file} not found: a model folder needs a config.json")
     with open(cfg_file) as f:
         d = json.load(f)
     if d.pop("format", None) == NATIVE_FORMAT:

@@ -2,6 +2,8 @@
 
     python -m parcae_jax.convert from-torch SRC DST   # official folder -> native parcae-jax folder
     python -m parcae_jax.convert to-torch SRC DST     # native folder or training workdir -> official
+    python -m parcae_jax.convert from-torch hf://SandyResearch/parcae-small-140m DST   # from the Hub
+    python -m parcae_jax.convert to-torch runs/tiny DST --push-to-hub ORG/NAME       # and publish
 
 `to-torch` writes `config.json` (every official field + `_class_name`), `model.pt` (the exact key set,
 order, shapes and dtypes of the official `state_dict`, `freqs_cis` included, tied tensors sharing
@@ -16,7 +18,7 @@ import os
 import pathlib
 import sys
 
-from parcae_jax import fileio, loading, pretrained, weights
+from parcae_jax import errors, fileio, hub, loading, pretrained, weights
 from parcae_jax.config import ModelConfig, write_folder_config
 
 
@@ -36,7 +38,7 @@ def export_official(model, extra, dst: str | os.PathLike, *, overwrite: bool = F
 
     dst = pathlib.Path(dst).expanduser().resolve()
     if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; choose another destination or pass --force")
+        raise errors.ExistsError(f"{dst} already exists; choose another destination or pass --force")
     cfg: ModelConfig = model.config
     arrays = weights.to_official(model, extra, rope=torch_rope_table(cfg).numpy())
     tensors, seen = {}, {}
@@ -54,12 +56,12 @@ def export_official(model, extra, dst: str | os.PathLike, *, overwrite: bool = F
 
 
 def from_torch(src, dst, *, overwrite: bool = False) -> pathlib.Path:
-    src = pathlib.Path(src).expanduser()
-    if pretrained.is_native(src):  # refused before loading it for nothing
-        raise ValueError(f"{src} is already a parcae-jax folder (it has params/); use to-torch to export it")
+    if not hub.is_hub_path(src) and pretrained.is_native(pathlib.Path(src).expanduser()):
+        raise errors.ConfigError(f"{src} is already a parcae-jax folder (it has params/); use to-torch to "
+                                 "export it")  # refused before loading it for nothing
     loaded = loading.load_model(src, compute_dtype="float32")
     if loaded.kind != "official":
-        raise ValueError(f"{loaded.path} is a training workdir, not an official PyTorch folder")
+        raise errors.ConfigError(f"{loaded.path} is a training workdir, not an official PyTorch folder")
     return pretrained.save_pretrained(loaded.model, dst, extra=loaded.extra, overwrite=overwrite)
 
 
@@ -69,7 +71,7 @@ def to_torch(src, dst, *, step: int | None = None, overwrite: bool = False) -> p
     return export_official(loaded.model, loaded.extra, dst, overwrite=overwrite)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m parcae_jax.convert", description=__doc__.split("\n\n")[0]
     )
@@ -83,17 +85,23 @@ def main(argv=None) -> int:
     b.add_argument("dst")
     b.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: latest)")
     b.add_argument("--force", action="store_true", help="replace DST if it exists")
+    b.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
+                   help="then publish DST as this Hugging Face Hub model repository (needs a login)")
+    b.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     args = parser.parse_args(argv)
-    try:
-        if args.cmd == "from-torch":
-            out = from_torch(args.src, args.dst, overwrite=args.force)
-        else:
-            out = to_torch(args.src, args.dst, step=args.step, overwrite=args.force)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.cmd == "from-torch":
+        out = from_torch(args.src, args.dst, overwrite=args.force)
+    else:
+        out = to_torch(args.src, args.dst, step=args.step, overwrite=args.force)
+        if args.push_to_hub:
+            print(f"pushed to {hub.push_folder(out, args.push_to_hub, private=args.private)}")
     print(f"wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

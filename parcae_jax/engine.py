@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from parcae_jax.errors import ConfigError
 from parcae_jax.kv_cache import CachePlan, budget_lookup, forward_chunk, init_cache
 from parcae_jax.model import row_states
 from parcae_jax.sampling import PLAIN, Sampling, sample_tokens
@@ -137,12 +138,27 @@ def _stop_array(stop_tokens, batch: int) -> np.ndarray:
     stop_tokens = list(stop_tokens or [])
     rows = stop_tokens if stop_tokens and isinstance(stop_tokens[0], Iterable) else [stop_tokens] * batch
     if len(rows) != batch:
-        raise ValueError(f"stop_tokens has {len(rows)} rows for {batch} prompts")
+        raise ConfigError(f"stop_tokens has {len(rows)} rows for {batch} prompts")
     width = max(1, max(len(list(r)) for r in rows))
     out = np.full((batch, width), -1, np.int32)
     for b, r in enumerate(rows):
         out[b, : len(list(r))] = list(r)
     return out
+
+
+def check_request(cfg, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse a request the model cannot serve (ConfigError naming the numbers), before any work."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ConfigError("generate needs at least one prompt, each with at least one token")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.rope_table_length:
+        raise ConfigError(
+            f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's block_size "
+            f"{cfg.rope_table_length}; shorten the prompt or lower --max-new-tokens to at most "
+            f"{max(cfg.rope_table_length - longest, 0)}"
+        )
 
 
 def generate(
@@ -173,18 +189,15 @@ def generate(
     """
     cfg = model.config
     prompts = [[int(x) for x in p] for p in prompts]
-    if not prompts or min(len(p) for p in prompts) == 0:
-        raise ValueError("generate needs at least one prompt, each with at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_request(cfg, prompts, max_new_tokens)
     parcae = cfg.arch == "parcae"
     num_steps = int(cfg.mean_recurrence if num_steps is None else num_steps) if parcae else 1
     max_depth = max(num_steps, 1) if max_depth is None or not parcae else int(max_depth)
     if num_steps > max_depth:
-        raise ValueError(f"num_steps={num_steps} exceeds max_depth={max_depth} (the cache's depth)")
+        raise ConfigError(f"num_steps={num_steps} exceeds max_depth={max_depth} (the cache's depth)")
     if cache_budget is not None:
         if lookup != "full":
-            raise ValueError(f"give cache_budget or lookup, not both (lookup={lookup!r})")
+            raise ConfigError(f"give cache_budget or lookup, not both (lookup={lookup!r})")
         lookup = budget_lookup(cache_budget)
     B, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
     Lp = int(lengths.max())

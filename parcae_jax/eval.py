@@ -17,18 +17,18 @@ import logging
 import sys
 import warnings
 
-from absl import app, flags
+from absl import flags
 
-from parcae_jax.launch import check_config_argv, define_config_flag, multi_host_environment
+from parcae_jax import errors
+from parcae_jax.launch import check_config_argv, define_config_flag, multi_host_environment, parse_flags
 
 define_config_flag()
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
-def _main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def _run(argv: list[str]) -> int:
+    check_config_argv(argv)
+    parse_flags(argv)
     logging.getLogger("absl").setLevel(logging.WARNING)
     # Restoring a training checkpoint onto one device for evaluation is intended, not a topology mistake.
     warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
@@ -37,19 +37,16 @@ def _main(argv):
     if multi_host_environment():
         jax.distributed.initialize()  # before anything touches a device
     from parcae_jax.evaluation import runner
-    from parcae_jax.evaluation.bundle import BundleError
 
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
-    try:
-        runner.run(FLAGS.config, log=log)
-    except (BundleError, ValueError, FileNotFoundError) as e:  # CheckpointPathError is a FileNotFoundError
-        sys.exit(f"error: {e}")
+    runner.run(FLAGS.config, log=log)
+    return 0
 
 
 def main(argv: list[str]) -> None:
-    """Run evaluation with the command line `argv` (argv[0] is the program name); exits with its status."""
-    check_config_argv(list(argv))
-    app.run(_main, argv=list(argv))
+    """Run evaluation with the command line `argv` (argv[0] is the program name); exits with its status
+    (2 with one line on stderr for a bad input; --debug shows the traceback)."""
+    sys.exit(errors.run(lambda args: _run([argv[0], *args]), argv[1:]))
 
 
 if __name__ == "__main__":

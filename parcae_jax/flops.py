@@ -40,9 +40,10 @@ import jax
 import ml_collections
 from flax import nnx
 
-from parcae_jax import recurrence
+from parcae_jax import errors, recurrence
 from parcae_jax.cli_config import load_config, split_config_args
 from parcae_jax.config import ModelConfig
+from parcae_jax.errors import ConfigError
 from parcae_jax.model import abstract_model
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,15 +255,20 @@ def training_budget(cfg_run: ml_collections.ConfigDict) -> Budget:
     cfg = as_model_config(cfg_run)
     train = cfg_run.train
     chosen = [name for name in STOP_CRITERIA if train.get(name) is not None]
-    if len(chosen) != 1:
-        raise ValueError(
-            f"exactly one of train.{{{', '.join(STOP_CRITERIA)}}} must be set; got {chosen or 'none'}"
+    if len(chosen) > 1:
+        values = ", ".join(f"train.{name}={train[name]}" for name in chosen)
+        clear = " ".join(f"--config.train.{name}=None" for name in chosen[:-1])
+        raise ConfigError(
+            f"two stop criteria are set ({values}); the config file may set one already: keep one and "
+            f"clear the others with =None (e.g. {clear})"
         )
+    if not chosen:
+        raise ConfigError(f"no stop criterion: set one of train.{{{', '.join(STOP_CRITERIA)}}}")
     criterion = chosen[0]
     value = train[criterion]
     tokens_per_step = int(train.world_batch_size) * cfg.block_size
     if tokens_per_step <= 0:
-        raise ValueError(f"train.world_batch_size must be positive, got {train.world_batch_size}")
+        raise ConfigError(f"train.world_batch_size must be positive, got {train.world_batch_size}")
     fpt = flops_per_token(cfg)
     if criterion == "max_steps":
         steps = int(value)
@@ -276,13 +282,13 @@ def training_budget(cfg_run: ml_collections.ConfigDict) -> Budget:
             counts = param_counts(cfg)
             base = train.tokens_per_param_counts
             if base not in PARAM_COUNT_BASES:
-                raise ValueError(
+                raise ConfigError(
                     f"train.tokens_per_param_counts={base!r}: use 'unique' (official) or 'non_embedding'"
                 )
             tokens = int(value * (counts.unique if base == "unique" else counts.total))
         steps = tokens // tokens_per_step
     if steps <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"train.{criterion}={value} gives {tokens} tokens: less than one step of {tokens_per_step}"
         )
     return Budget(criterion, tokens, steps, tokens_per_step, fpt)
@@ -404,7 +410,7 @@ def report(cfg_run: ml_collections.ConfigDict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path, overrides, rest = split_config_args(argv)
     parser = argparse.ArgumentParser(
@@ -417,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--config is required")
     print(report(load_config(path, overrides)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

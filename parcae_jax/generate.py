@@ -20,9 +20,10 @@ import argparse
 import sys
 import time
 
-from parcae_jax import loading
+from parcae_jax import errors, loading
 from parcae_jax.depth_report import adaptive_depth_report, format_report
-from parcae_jax.engine import generate
+from parcae_jax.engine import check_request, generate
+from parcae_jax.errors import ConfigError
 from parcae_jax.kv_cache import EXIT_CRITERIA, EXITED_KV
 from parcae_jax.sampling import Sampling
 
@@ -37,13 +38,6 @@ def _add_model_args(parser):
     parser.add_argument("--exited-kv", choices=EXITED_KV, default="last",
                         help="K/V an exited token serves at deeper steps (see parcae_jax.kv_cache)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the initial state and sampling")
-
-
-def _load(parser, args) -> loading.Loaded:
-    try:
-        return loading.load_model(args.model, args.step)
-    except loading.CheckpointPathError as e:
-        parser.error(str(e))
 
 
 def _sample_main(argv) -> int:
@@ -65,10 +59,10 @@ def _sample_main(argv) -> int:
 
     from parcae_jax.data.tokenizer import load_tokenizer
 
-    loaded = _load(parser, args)
+    loaded = loading.load_model(args.model, args.step)
     tok_path = loading.find_tokenizer(loaded, args.tokenizer)
     if tok_path is None:
-        parser.error(f"no tokenizer found for {args.model}; pass --tokenizer PATH")
+        raise ConfigError(f"no tokenizer found for {args.model}; pass --tokenizer PATH")
     tokenizer, model = load_tokenizer(tok_path), loaded.model
     prefix = [] if args.no_bos or tokenizer.bos_id is None else [tokenizer.bos_id]
     prompts = [prefix + tokenizer.encode(p) for p in args.prompt]
@@ -87,6 +81,7 @@ def _sample_main(argv) -> int:
             sys.stdout.flush()
             shown[0] = text
 
+    check_request(model.config, prompts, args.max_new_tokens)  # before the prompt is echoed
     single = len(prompts) == 1
     if single:
         sys.stdout.write(args.prompt[0])
@@ -124,10 +119,10 @@ def _report_main(argv) -> int:
 
     from parcae_jax.data.pipeline import eval_batches
 
-    loaded = _load(parser, args)
+    loaded = loading.load_model(args.model, args.step)
     model, data = loaded.model, args.data or loading.find_dataset(loaded.run_config)
     if data is None:
-        parser.error(f"{args.model} is not a training workdir: pass --data DATASET_DIR")
+        raise ConfigError(f"{args.model} is not a training workdir: pass --data DATASET_DIR")
     block = args.block_size or model.config.block_size
     batches = eval_batches(data, split=args.split, block_size=block, batch_size=args.batch_size,
                            max_batches=args.max_batches)
@@ -140,11 +135,16 @@ def _report_main(argv) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "report":
         return _report_main(argv[1:])
     return _sample_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

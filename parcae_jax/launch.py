@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
+
+from parcae_jax.errors import ConfigError
 
 
 def define_config_flag() -> None:
@@ -17,18 +20,56 @@ def define_config_flag() -> None:
 
 
 def check_config_argv(argv: list[str]) -> list[str]:
-    """Check every `--config.x=y` of a command line against its config file before absl parses it, so a
-    misspelt key fails with the list of valid keys (config_flags alone only suggests one). Exits with
-    the error; returns the overrides (`a.b=value`)."""
-    from parcae_jax.cli_config import UnknownConfigKeyError, load_config, split_config_args
+    """Check a command line's config file and every `--config.x=y` against it before absl parses them,
+    so a missing file or a misspelt key fails with one line (and the valid keys: config_flags alone only
+    suggests one). Raises ConfigError; returns the overrides (`a.b=value`)."""
+    from parcae_jax.cli_config import load_config, split_config_args
 
-    try:
-        path, overrides, _ = split_config_args(argv[1:])
-        if path is not None:
-            load_config(path, overrides)
-    except (UnknownConfigKeyError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    path, overrides, _ = split_config_args(argv[1:])
+    if path is None:
+        raise ConfigError("--config FILE is required (e.g. --config configs/tiny.py)")
+    load_config(path, overrides)
     return overrides
+
+
+def parse_flags(argv: list[str]) -> None:
+    """Parse `argv` (program name first) into absl's flags; a bad flag is a ConfigError. absl's own
+    `app.run` would print its usage and exit 1 instead."""
+    from absl import app
+
+    app.define_help_flags()  # --help / --helpfull, as app.run defines them
+    flags.FLAGS.unparse_flags()  # a previous command line in this process must not leak its values
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        raise ConfigError(f"{e}; see --help") from None
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected arguments {rest[1:]}; every option is a --flag (see --help)")
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is when a record is emitted, so a caller that swaps stdout (a
+    notebook, a test) never leaves the handler writing to a closed stream."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging() -> None:
+    """INFO records as `time LEVEL message` lines on stdout. Replaces the root handlers: importing
+    Orbax leaves an implicit stderr handler there, which would swallow our format."""
+    handler = _StdoutHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def multi_host_environment() -> bool:

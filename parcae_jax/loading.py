@@ -4,7 +4,8 @@
   * a training workdir (WORKDIR/checkpoints/<step>/): the latest finished step, or `step`;
   * a step folder WORKDIR/checkpoints/STEP;
   * a parcae-jax pretrained ("native") folder: config.json + params/ (`pretrained.save_pretrained`);
-  * an official PyTorch folder: config.json + model.pt, model.safetensors, ... (converted on the fly).
+  * an official PyTorch folder: config.json + model.pt, model.safetensors, ... (converted on the fly);
+  * `hf://ORG/NAME[@REVISION]`: either kind of model folder on the Hugging Face Hub (`hub`).
 Anything else raises `CheckpointPathError`, one line saying what was expected.
 """
 
@@ -15,16 +16,17 @@ import os
 import pathlib
 from typing import Any
 
-from parcae_jax import checkpointing, pretrained
+from parcae_jax import checkpointing, hub, pretrained
 from parcae_jax.data import shards
 from parcae_jax.data.prepare import shakespeare_dirs
 from parcae_jax.data.tokenizer import METADATA_FILE, MODEL_FILE
+from parcae_jax.errors import UserError
 
 _EXPECTED = ("a training workdir (with checkpoints/), a step folder WORKDIR/checkpoints/STEP, or a model "
              "folder with config.json (parcae-jax or official PyTorch)")
 
 
-class CheckpointPathError(FileNotFoundError):
+class CheckpointPathError(UserError, FileNotFoundError):
     """The path is not something `load_model` can load (the message says what it expected)."""
 
 
@@ -45,6 +47,8 @@ class Loaded:
 
 def load_model(path: str | os.PathLike, step: int | None = None, **overrides) -> Loaded:
     """The model at `path` (see the module docstring); `overrides` replace model fields (compute_dtype)."""
+    if hub.is_hub_path(path):
+        path = hub.snapshot(str(path))
     p = pathlib.Path(path).expanduser().resolve()
     if not p.exists():
         raise CheckpointPathError(f"checkpoint {p} does not exist; expected {_EXPECTED}")
@@ -84,7 +88,8 @@ def _holds_tokenizer(folder: str | os.PathLike) -> bool:
 def find_tokenizer(loaded: Loaded, explicit: str | None = None) -> str | None:
     """The tokenizer's path, by one rule: `explicit`; else the training run's (data.tokenizer, the
     embedded Shakespeare corpus' own, or the one its dataset's metadata records); else one shipped
-    inside or next to the model folder (tokenizer/, the folder itself, ../tokenizer). None: none."""
+    inside or next to the model folder (tokenizer/, the folder itself, ../tokenizer); else, for an
+    official model from the Hub, the official tokenizer repository. None: none."""
     if explicit:
         return explicit
     data = _data(loaded.run_config)
@@ -102,4 +107,10 @@ def find_tokenizer(loaded: Loaded, explicit: str | None = None) -> str | None:
     for folder in (path / "tokenizer", path, path.parent / "tokenizer"):
         if _holds_tokenizer(folder):
             return str(folder)
+    if loaded.kind == "official" and hub.in_cache(path):
+        # An official Hub model without tokenizer files: the official harness's default tokenizer.
+        try:
+            return hub.snapshot(hub.SCHEME + hub.OFFICIAL_TOKENIZER_REPO)
+        except hub.HubError:
+            return None
     return None

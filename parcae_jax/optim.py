@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from parcae_jax import schedules
+from parcae_jax.errors import ConfigError
 
 MUON, ADAMW = "muon", "adamw"
 OPTIMIZERS = ("muon_adamw", "adamw")
@@ -209,7 +210,7 @@ def muon(
     `weight_decay`; `ns_steps` Polar-Express iterations; `beta2` of the second moment S.
     """
     if not 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFS):
-        raise ValueError(f"muon_ns_steps must be in [1, {len(POLAR_EXPRESS_COEFFS)}], got {ns_steps}")
+        raise ConfigError(f"muon_ns_steps must be in [1, {len(POLAR_EXPRESS_COEFFS)}], got {ns_steps}")
 
     def init(params):
         return MuonState(
@@ -221,7 +222,7 @@ def muon(
 
     def update(updates, state, params=None):
         if params is None:
-            raise ValueError(
+            raise ConfigError(
                 "muon needs `params` (cautious weight decay): call tx.update(grads, state, params)"
             )
         grads, treedef = jax.tree.flatten(updates)
@@ -259,9 +260,9 @@ def build_optimizer(params, train_cfg, max_steps: int) -> optax.GradientTransfor
     """
     cfg = train_cfg
     if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
     if cfg.lr <= 0:
-        raise ValueError(f"lr must be positive (the Muon LR is schedule · muon_lr / lr), got {cfg.lr}")
+        raise ConfigError(f"lr must be positive (the Muon LR is schedule · muon_lr / lr), got {cfg.lr}")
     if cfg.optimizer == "muon_adamw" and MUON not in jax.tree.leaves(param_groups(params)):
         raise ValueError("muon_adamw: no parameter falls in the Muon group (spec §7.3 grouping)")
 

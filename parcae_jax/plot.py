@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from parcae_jax import errors
+from parcae_jax.errors import UserError
 from parcae_jax.metrics import read_metrics
 
 
@@ -22,7 +24,7 @@ def plot_run(workdir: str, output: str, *, unigram_entropy: float | None = None,
 
     rows = read_metrics(workdir)
     if not rows:
-        raise ValueError(f"{workdir}/metrics.jsonl has no rows to plot")
+        raise UserError(f"{workdir}/metrics.jsonl has no rows to plot")
     has_telemetry = any("rho_A" in r for r in rows)
     fig, axes = plt.subplots(1, 2 if has_telemetry else 1, figsize=(11 if has_telemetry else 6, 4))
     ax = axes[0] if has_telemetry else axes
@@ -62,7 +64,7 @@ def plot_run(workdir: str, output: str, *, unigram_entropy: float | None = None,
     return output
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir")
     parser.add_argument("--output", required=True)
@@ -78,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unigram entropy of {args.dataset_dir}: {entropy:.3f} nats/token")
     print(plot_run(args.workdir, args.output, unigram_entropy=entropy, title=args.title))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ import pathlib
 import numpy as np
 import orbax.checkpoint as ocp
 
-from parcae_jax import fileio, weights
+from parcae_jax import fileio, hub, weights
 from parcae_jax.config import read_folder_config, write_folder_config
+from parcae_jax.errors import ExistsError, NotFoundError
 from parcae_jax.model import GPT, Parcae, build_model
 
 OFFICIAL_WEIGHT_FILES = ("model.pt", "pytorch_model.bin", "model.safetensors", "model.bin")
@@ -44,7 +45,7 @@ def read_official_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {
             k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()
         }
-    raise FileNotFoundError(f"no weights in {path}: expected one of {OFFICIAL_WEIGHT_FILES} (or params/)")
+    raise NotFoundError(f"no weights in {path}: expected one of {OFFICIAL_WEIGHT_FILES} (or params/)")
 
 
 def _import_torch():
@@ -62,13 +63,16 @@ def is_native(path: str | os.PathLike) -> bool:
 
 
 def load_pretrained(path: str | os.PathLike, *, return_extra: bool = False, **overrides) -> Parcae | GPT:
-    """Load a native or official folder. `overrides` replace model fields (e.g. compute_dtype)."""
+    """Load a native or official folder, or a Hub repository by name (`ORG/NAME`, `hf://ORG/NAME`,
+    optionally `@REVISION`) as the official package does. `overrides` replace model fields."""
+    if hub.is_hub_path(path) or hub.looks_like_repo_id(path):
+        path = hub.snapshot(str(path))
     path = pathlib.Path(path).expanduser().resolve()
     if not path.exists():
-        raise FileNotFoundError(f"model folder {path} does not exist")
+        raise NotFoundError(f"model folder {path} does not exist")
     cfg = read_folder_config(path)
     if not is_native(path) and not any((path / n).is_file() for n in OFFICIAL_WEIGHT_FILES):
-        raise FileNotFoundError(f"no weights in {path}: expected params/ or one of {OFFICIAL_WEIGHT_FILES}")
+        raise NotFoundError(f"no weights in {path}: expected params/ or one of {OFFICIAL_WEIGHT_FILES}")
     if overrides:
         cfg = cfg.replace(**overrides)
     model = build_model(cfg)
@@ -116,7 +120,7 @@ def save_pretrained(model: Parcae | GPT, path: str | os.PathLike, *, extra=None,
     """Write a native folder atomically: everything goes to a temporary sibling, renamed at the end."""
     path = pathlib.Path(path).expanduser().resolve()
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another destination or pass overwrite=True")
+        raise ExistsError(f"{path} already exists; choose another destination or pass overwrite=True")
     with fileio.replacing_folder(path) as tmp:
         write_folder_config(model.config, tmp, native=True)
         arrays = {_join_path(k): v for k, v in weights.model_arrays(model).items()}

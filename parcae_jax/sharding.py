@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from parcae_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -57,14 +59,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     sizes = [data, fsdp, tensor]
     n = len(devices)
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ConfigError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if n % known:
-            raise ValueError(f"{n} devices are not divisible by the fixed mesh axes {sizes}")
+            raise ConfigError(f"{n} devices are not divisible by the fixed mesh axes {sizes}")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices but "
             f"{n} are available; set config.mesh sizes whose product is {n} (or use -1)"
         )

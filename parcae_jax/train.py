@@ -4,10 +4,12 @@
     python -m parcae_jax.train --config configs/parcae_140m.py --workdir gs://bucket/runs/p140m \\
         --config.train.max_steps=100 --config.data.source=dir --config.data.dataset_dir=gs://bucket/fwe
 
-A workdir holding a checkpoint resumes automatically. Exit status: 2 for a config error (one line on
-stderr; --debug shows the traceback), 3 when the loss guardrail stops the run. Multi-process runs
-(TPU pods, Slurm, several GPU hosts) call `jax.distributed.initialize()`: automatically when the
-environment shows more than one host, or explicitly with --coordinator_address/--num_processes/--process_id.
+A workdir holding a checkpoint resumes automatically. Exit status: 2 for a bad input (config, data,
+checkpoint, disk: one line on stderr naming the problem and the fix; --debug shows the traceback), 3
+when the loss guardrail stops the run, 4 when a peer process of a multi-process run is lost.
+Multi-process runs (TPU pods, Slurm, several GPU hosts) call `jax.distributed.initialize()`:
+automatically when the environment shows more than one host, or explicitly with
+--coordinator_address/--num_processes/--process_id.
 """
 
 from __future__ import annotations
@@ -16,9 +18,19 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from parcae_jax.launch import check_config_argv, define_config_flag, multi_host_environment
+from parcae_jax import errors, peers
+from parcae_jax.errors import ConfigError
+from parcae_jax.launch import (
+    check_config_argv,
+    configure_logging,
+    define_config_flag,
+    multi_host_environment,
+    parse_flags,
+)
+
+EXIT_STOPPED = 3  # the loss guardrail stopped the run
 
 define_config_flag()
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard events.")
@@ -28,8 +40,6 @@ flags.DEFINE_integer("process_id", None, "Index of this process in a multi-proce
 flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
                      "Multi-process: a process missing heartbeats this long stops the whole run.")
 flags.DEFINE_integer("stop_after_steps", None, "Exit after this many steps (schedule unchanged).")
-flags.DEFINE_bool("debug", False, "Show the traceback of a config error instead of one line.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -42,7 +52,7 @@ def _init_distributed() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if FLAGS.coordinator_address or FLAGS.num_processes:
         if None in (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
-            raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+            raise ConfigError("--coordinator_address, --num_processes and --process_id go together")
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
@@ -53,30 +63,27 @@ def _init_distributed() -> None:
         jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
 
 
-def _preparse(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Check every `--config.x=y` against the config first, so a misspelt key fails with the valid keys
-    (config_flags alone only suggests one), and take out `=None` overrides, which config_flags cannot
-    parse for typed fields (switching stop criterion: --config.train.max_steps=None); main sets them."""
-    overrides = check_config_argv(argv)
-    none_keys = [o.partition("=")[0] for o in overrides if o.partition("=")[2] == "None"]
-    kept = [a for a in argv if not (a.startswith("--config.") and a.endswith("=None"))]
-    return kept, none_keys
-
-
-_NONE_OVERRIDES: list[str] = []
-
-
-def _main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for key in _NONE_OVERRIDES:
+def _set_none_overrides(config, keys: list[str]) -> None:
+    """`--config.a.b=None`, which config_flags cannot parse for typed fields (switching the stop
+    criterion: --config.train.max_steps=None), is taken out of the command line and set here."""
+    for key in keys:
         *parents, leaf = key.split(".")
-        section = FLAGS.config
+        section = config
         for name in parents:
             section = section[name]
         setattr(section, leaf, None)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _run(argv: list[str]) -> int:
+    # Every `--config.x=y` is checked against the config first, so a misspelt key fails with the
+    # valid keys (config_flags alone only suggests one).
+    overrides = check_config_argv(argv)
+    none_keys = [o.partition("=")[0] for o in overrides if o.partition("=")[2] == "None"]
+    parse_flags([a for a in argv if not (a.startswith("--config.") and a.endswith("=None"))])
+    if not FLAGS.workdir:
+        raise ConfigError("--workdir DIR is required (the run folder; an existing one resumes)")
+    _set_none_overrides(FLAGS.config, none_keys)
+    configure_logging()
     _init_distributed()
     import jax
 
@@ -84,22 +91,27 @@ def _main(argv):
 
     if jax.process_index() != 0:
         logging.getLogger("parcae_jax").setLevel(logging.WARNING)
+    watch = None
+    if jax.process_count() > 1:
+        watch = peers.PeerWatch(FLAGS.heartbeat_timeout_seconds / 2, FLAGS.workdir).start()
     try:
         trainer.train(FLAGS.config, FLAGS.workdir, stop_after_steps=FLAGS.stop_after_steps)
-    except trainer.ConfigError as e:
-        if FLAGS.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except trainer.TrainingStopped as e:
         logging.error("%s", e)
-        sys.exit(3)
+        return EXIT_STOPPED
+    except BaseException:
+        if watch is not None:
+            watch.settle()  # a collective failing because a peer died: the watchdog says so and exits
+        raise
+    finally:
+        if watch is not None:
+            watch.stop()
+    return 0
 
 
 def main(argv: list[str]) -> None:
     """Run training with the command line `argv` (argv[0] is the program name); exits with its status."""
-    argv, _NONE_OVERRIDES[:] = _preparse(list(argv))
-    app.run(_main, argv=argv)
+    sys.exit(errors.run(lambda args: _run([argv[0], *args]), argv[1:]))
 
 
 if __name__ == "__main__":

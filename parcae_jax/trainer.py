@@ -22,6 +22,7 @@ from etils import epath
 from parcae_jax import checkpointing, fileio, flops, sharding, train_step
 from parcae_jax.config import ModelConfig
 from parcae_jax.data import pipeline, shards
+from parcae_jax.errors import ConfigError
 from parcae_jax.evaluation import lm_loss
 from parcae_jax.evaluation.scoring import TokenScorer, graph_apply
 from parcae_jax.metrics import MetricsWriter, Throughput, progress_line
@@ -53,10 +54,10 @@ def resolve_data(run_cfg: ml_collections.ConfigDict) -> DataInfo:
         dataset_dir, tokenizer_dir = ensure_shakespeare_dataset(cache, int(data.vocab_size))
     elif data.source == "dir":
         if not data.dataset_dir:
-            raise ValueError("data.source='dir' needs --config.data.dataset_dir=PATH (prepared shards)")
+            raise ConfigError("data.source='dir' needs --config.data.dataset_dir=PATH (prepared shards)")
         dataset_dir, tokenizer_dir = data.dataset_dir, data.tokenizer
     else:
-        raise ValueError(f"data.source must be 'shakespeare' or 'dir', got {data.source!r}")
+        raise ConfigError(f"data.source must be 'shakespeare' or 'dir', got {data.source!r}")
     meta = shards.load_metadata(dataset_dir)
     if data.tokenizer:
         from parcae_jax.data.tokenizer import load_tokenizer
@@ -65,7 +66,7 @@ def resolve_data(run_cfg: ml_collections.ConfigDict) -> DataInfo:
         shards.check_tokenizer(meta, tok.fingerprint, dataset_dir, data.tokenizer)
     vocab = int(meta["tokenizer"]["vocab_size"])
     if vocab > run_cfg.model.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"{dataset_dir} was tokenized with {vocab} ids but model.vocab_size={run_cfg.model.vocab_size}; "
             f"set --config.model.vocab_size={vocab} (or larger)"
         )
@@ -125,10 +126,6 @@ def _run_meta(run_cfg, setup, step: int, counters: dict, validation) -> dict:
     }
 
 
-class ConfigError(ValueError):
-    """The run config cannot be trained; the message names the field, its value and the fix."""
-
-
 def check_run_config(run_cfg: ml_collections.ConfigDict) -> tuple[flops.Budget, int]:
     """Validate the model fields and the training choices; returns (budget, steps this run takes).
     Raises ConfigError, so the entry point can print one line."""
@@ -161,10 +158,11 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
     `stop_after_steps` ends the process early (tests, benchmarks) without changing the schedule.
     """
     train_cfg = run_cfg.train
-    budget, last_step = check_run_config(run_cfg)  # before anything is created or compiled
+    # Everything that can be checked is checked before anything is created or compiled.
+    budget, last_step = check_run_config(run_cfg)
     max_steps = budget.steps
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     data = resolve_data(run_cfg)
+    _make_workdir(workdir)
 
     mesh = sharding.make_mesh(run_cfg.mesh.data, run_cfg.mesh.fsdp, run_cfg.mesh.tensor)
     setup, state = train_step.create_train_state(run_cfg, mesh, max_steps)
@@ -178,7 +176,7 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
     checkpointer = checkpointing.Checkpointer(
         workdir, keep_last=int(train_cfg.keep_last), keep_period=train_cfg.keep_period
     )
-    start = checkpointer.latest_step()
+    start = checkpointer.latest_intact_step(move_aside=True)
     if start is not None:  # fail on an incompatible checkpoint before spending time compiling
         where = f"{checkpointer.directory}/{start}"
         checkpointing.check_compatible(checkpointer.read_meta(start), cfg, where)
@@ -247,6 +245,7 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
             batch = pipeline.global_batch(local, setup.batch_sharding)
             state, metrics = compiled(state, batch, key)
             step += 1
+            checkpointer.check_for_errors()  # a failed save stops the run now, not at the next save
             pending_real.append(metrics["target_tokens"])
             counters["tokens"] += tokens_per_step
             counters["flops"] += tokens_per_step * flops.training_flops_per_token(cfg, step)
@@ -298,6 +297,15 @@ def train(run_cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps:
         writer.close()
         preempted.restore_handlers()
     return last_row
+
+
+def _make_workdir(workdir: str) -> None:
+    """Create the workdir (local or gs://) and prove it writable before anything is compiled."""
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test_{jax.process_index()}"
+    probe.write_text("")
+    probe.unlink()
 
 
 def _guardrail(row: dict, counters: dict, train_cfg) -> str | None:

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from parcae_jax.config import ModelConfig
+from parcae_jax.errors import UserError
 
 # Wrapper prefixes that training frameworks add to key names (DDP, torch.compile, Lightning, HF).
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "_forward_module.", "model.")
@@ -32,7 +33,7 @@ _BLOCK_ORDER = [
 ]
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A checkpoint that does not fit the model: names the key(s) and the shapes."""
 
 

@@ -382,7 +382,7 @@ def test_eval_cli_reports_errors(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--config", f"{REPO}/configs/eval.py:loss",
                            f"--config.checkpoint={tmp_path / 'missing'}"], capture_output=True, text=True,
                           timeout=300, cwd=REPO)
-    assert proc.returncode == 1 and f"error: checkpoint {tmp_path / 'missing'} does not exist" in proc.stderr
+    assert proc.returncode == 2 and f"error: checkpoint {tmp_path / 'missing'} does not exist" in proc.stderr
 
 
 def test_lm_eval_adapter_against_a_stand_in_harness(monkeypatch):

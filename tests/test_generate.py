@@ -348,6 +348,10 @@ def test_cli_generates_from_a_saved_model_and_prints_the_depth_report(tmp_path, 
     out, err = capsys.readouterr()
     assert out.startswith("the quick") and len(out) > len("the quick\n")
     assert "mean depth" in err
+    # A prompt the model cannot serve is refused in one line before anything is echoed.
+    assert cli.main(["--model", str(model_dir), "--prompt", "the quick " * 40, "--max-new-tokens", "5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "exceeds the model's block_size 32" in err
 
     data = write_token_dataset(tmp_path / "data", vocab_size=320, docs=20, val_docs=6)
     args = "--eps 0,1e9 --num-steps 3 --block-size 16 --batch-size 2 --max-batches 1".split()

@@ -21,6 +21,7 @@ from helpers import write_token_dataset
 
 from parcae_jax import fileio, flops, presets
 from parcae_jax.cli_config import load_config
+from parcae_jax.errors import UserError
 from parcae_jax.scaling import cli, fit, laws, runner, state, sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -390,5 +391,5 @@ def test_fit_cli_end_to_end(tmp_path, capsys):
 
 
 def test_fit_without_results_says_what_to_do(tmp_path):
-    with pytest.raises(ValueError, match="scaling run"):
+    with pytest.raises(UserError, match="scaling run"):
         fit.run_fit(tmp_path)

@@ -14,6 +14,7 @@ import pytest
 from helpers import run_cli, write_token_dataset, xla_flags
 
 from parcae_jax import checkpointing, sharding, train_step
+from parcae_jax.checkpointing import finished_steps
 from parcae_jax.cli_config import load_config
 from parcae_jax.metrics import read_metrics
 
@@ -186,12 +187,6 @@ def finish(proc, timeout=600) -> str:
     return pathlib.Path(proc.log_path).read_text()
 
 
-def finished_steps(workdir) -> list[int]:
-    """Finished checkpoints: Orbax renames `<step>.orbax-checkpoint-tmp-*` to `<step>` once complete."""
-    folder = pathlib.Path(checkpointing.checkpoint_dir(workdir))
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
-
-
 def logged_steps(workdir) -> list[int]:
     path = pathlib.Path(workdir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
@@ -252,20 +247,24 @@ def straight_run(dataset, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_is_bitwise_exact_on_eight_devices(dataset, tmp_path, straight_run):
-    """Sharded (8 devices) in process: a run stopped after step 7 whose step-7 checkpoint never
-    finished (as after a kill) resumes from step 6; every loss bitwise equal to the uninterrupted run's."""
-    import shutil
-
+def test_a_corrupt_newest_checkpoint_falls_back_and_resumes_bitwise_on_eight_devices(
+        dataset, tmp_path, straight_run, caplog):
+    """Sharded (8 devices) in process: a run stopped after step 7 whose step-7 checkpoint was then
+    damaged (an array file cut short) moves it aside, resumes from step 6, and every loss is bitwise
+    equal to the uninterrupted run's."""
     from parcae_jax import trainer
 
     workdir = tmp_path / "resumed"
     cfg = small_config(dataset, *RESUME)
     trainer.train(cfg, str(workdir), stop_after_steps=7)
     assert finished_steps(workdir) == [6, 7] and logged_steps(workdir) == list(range(1, 8))
-    shutil.rmtree(pathlib.Path(checkpointing.checkpoint_dir(workdir)) / "7")
+    step7 = pathlib.Path(checkpointing.checkpoint_dir(workdir)) / "7"
+    data = max((p for p in (step7 / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:-1000])
     trainer.train(cfg, str(workdir))
     assert finished_steps(workdir) == [6, 12]
+    assert (step7.parent / "7.corrupt").is_dir()
+    assert any("checkpoint" in r.message and "is damaged" in r.message for r in caplog.records)
     assert_bitwise(losses_by_step(straight_run), losses_by_step(workdir))
 
 

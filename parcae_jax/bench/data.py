@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from parcae_jax import fileio
+from parcae_jax import errors, fileio
 from parcae_jax.cli_config import load_config, split_config_args
 from parcae_jax.data import pipeline, shards
 
@@ -87,30 +87,10 @@ def pick_dataset(args, cfg, scratch: str) -> tuple[str, str]:
     )
 
 
-def time_pipeline(
-    dataset_dir: str,
-    *,
-    block_size: int,
-    world_batch: int,
-    accum: int,
-    seed: int,
-    packing: str,
-    num_workers: int,
-    prefetch: int,
-    steps: int,
-    warmup: int,
-) -> tuple[float, float]:
-    """(tokens/s delivered to this process after `warmup` batches, padding fraction)."""
-    with pipeline.train_iterator(
-        dataset_dir,
-        block_size=block_size,
-        world_batch=world_batch,
-        accum=accum,
-        seed=seed,
-        packing=packing,
-        num_workers=num_workers,
-        prefetch=prefetch,
-    ) as it:
+def time_pipeline(dataset_dir: str, *, steps: int, warmup: int, **iterator_options) -> tuple[float, float]:
+    """(tokens/s delivered to this process after `warmup` batches, padding fraction);
+    `iterator_options` go to `pipeline.train_iterator` as the trainer passes them."""
+    with pipeline.train_iterator(dataset_dir, **iterator_options) as it:
         for _ in range(warmup):  # includes worker start-up and filling the read-ahead
             next(it)
         start = time.perf_counter()
@@ -147,7 +127,7 @@ def time_train_step(cfg, dataset_dir: str, steps: int) -> tuple[float, int, int,
     return tokens / elapsed, setup.accum, setup.global_micro_batch, compile_s
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     config_path, overrides, rest = split_config_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m parcae_jax.bench.data",
@@ -205,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
     print("OK: the pipeline keeps up" if ok else "WARNING: some pipeline settings are below the target ratio")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

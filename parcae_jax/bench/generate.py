@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 
-from parcae_jax import flops
+from parcae_jax import errors, flops
 from parcae_jax.cli_config import load_config, split_config_args
 from parcae_jax.config import ModelConfig
 from parcae_jax.engine import generate
@@ -78,7 +78,7 @@ def _print(model, rows, args) -> None:
               f"{r['decode_ms_per_step']:.2f} | {used} |")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config_path, overrides, rest = split_config_args(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                  cache_budget=args.cache_budget)
     _print(model, rows, args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from parcae_jax import flops, sharding, train_step
+from parcae_jax import errors, flops, sharding, train_step
 from parcae_jax.cli_config import load_config, split_config_args
 
 
@@ -104,7 +104,7 @@ def _gpt_path(config_path: str) -> str | None:
     return candidate if os.path.exists(candidate) else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config_path, overrides, rest = split_config_args(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         run_cfg = load_config(path, [*extra, *overrides])
         _print(bench(run_cfg, steps=args.steps, warmup=args.warmup))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,14 @@ import sys
 import time
 from typing import Protocol
 
+from parcae_jax import errors
+from parcae_jax.errors import UserError
+
 DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu"}
 SAMPLE_FOLDER = "sample"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """The requested files cannot be found or fetched (message says which and what to do)."""
 
 
@@ -145,7 +148,7 @@ def next_steps(output: str, sample: str, first_file: str, vocab_size: int = 3276
     return shlex.join(train) + "\n" + shlex.join(prepare)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parcae_jax.data.download", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=sorted(DATASETS))
@@ -154,15 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-files", type=int, default=None, help="only the first N files (sorted)")
     parser.add_argument("--repo-id", default=None, help="dataset repository (default: the official one)")
     args = parser.parse_args(argv)
-    try:
-        repo_id = args.repo_id or DATASETS[args.dataset]
-        paths = download_sample(args.sample, args.output, args.max_files, repo_id)
-    except DownloadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    repo_id = args.repo_id or DATASETS[args.dataset]
+    paths = download_sample(args.sample, args.output, args.max_files, repo_id)
     steps = next_steps(args.output, args.sample, paths[0])
     print(f"next: train a tokenizer (or reuse one) and prepare token shards:\n{steps}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

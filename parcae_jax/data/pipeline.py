@@ -47,6 +47,7 @@ from absl import flags
 from grain.experimental import index_shuffle
 
 from parcae_jax.data import shards
+from parcae_jax.errors import ConfigError
 from parcae_jax.losses import IGNORE_INDEX
 
 PACKINGS = ("bos", "best-fit")
@@ -98,7 +99,7 @@ class BosRows:
         self.row_starts = np.concatenate([[0], np.cumsum(rows)])  # first global row id of each shard
         self.num_rows = int(self.row_starts[-1])
         if self.num_rows == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: no shard holds block_size+1={self.block_size + 1} tokens (largest stream with "
                 f"BOS: {int(stream.max(initial=0))}); use a smaller block_size or prepare more data"
             )
@@ -158,7 +159,7 @@ class BestFitDocs:
         self.doc_len = np.concatenate([n[k] for n, k in zip(lengths, keep, strict=True)] or [[]])
         self.num_docs = int(self.doc_len.size)
         if self.num_docs == 0:
-            raise ValueError(f"{where}: no non-empty documents; prepare the split again")
+            raise ConfigError(f"{where}: no non-empty documents; prepare the split again")
 
     def pack_group(self, doc_ids: np.ndarray, num_rows: int) -> list[list]:
         rows, unplaced = pack_best_fit(self.doc_len[doc_ids], num_rows, self.capacity)
@@ -235,9 +236,9 @@ class TrainBatches:
         pack_rows: int | None = None,
     ):
         if packing not in PACKINGS:
-            raise ValueError(f"packing={packing!r}: use one of {PACKINGS}")
+            raise ConfigError(f"packing={packing!r}: use one of {PACKINGS}")
         if accum < 1 or world_batch < 1 or world_batch % (accum * process_count):
-            raise ValueError(
+            raise ConfigError(
                 f"world_batch={world_batch} is not divisible by accum*process_count={accum}*{process_count}; "
                 "change train.world_batch_size or train.micro_batch_size"
             )
@@ -250,14 +251,14 @@ class TrainBatches:
         self.local_micro = self.global_micro // process_count
         self.pack_rows = int(pack_rows or self.local_micro)  # best-fit group: one device micro-batch
         if self.local_micro % self.pack_rows:
-            raise ValueError(
+            raise ConfigError(
                 f"pack_rows={self.pack_rows} does not divide the {self.local_micro} rows per process and "
                 "micro-batch; change train.micro_batch_size"
             )
         tok = meta.get("tokenizer", {})
         if packing == "bos":
             if tok.get("bos_id") is None:
-                raise ValueError(f"{where}: the tokenizer has no BOS id; use packing='best-fit'")
+                raise ConfigError(f"{where}: the tokenizer has no BOS id; use packing='best-fit'")
             self.rows = BosRows(readers, block_size, tok["bos_id"], where)
             units, self.steps_per_epoch = self.rows.num_rows, self.rows.num_rows // world_batch
             what = f"{units} rows of block_size+1={block_size + 1} tokens"
@@ -268,7 +269,7 @@ class TrainBatches:
             self.steps_per_epoch = math.ceil(units / self.pack_rows) // groups_per_step
             what = f"{units} documents (best-fit packs {self.pack_rows} per device micro-batch)"
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: {what}, not enough for one global batch of {world_batch} rows; "
                 "prepare more data or lower world_batch_size / block_size"
             )
@@ -369,11 +370,11 @@ class BatchIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(
+            raise ConfigError(
                 f"data iterator state has format {state.get('format')!r}, expected {STATE_FORMAT!r}"
             )
         if state["pipeline"] != self.batches.signature():
-            raise ValueError(
+            raise ConfigError(
                 f"data iterator state was saved for {state['pipeline']}, but this pipeline is "
                 f"{self.batches.signature()}; resume with the same data settings or start a new run"
             )
@@ -454,9 +455,9 @@ def eval_batches(
     """
     p, n = _resolve_processes(process_index, process_count)
     if batch_size < 1 or batch_size % n:
-        raise ValueError(f"eval batch_size={batch_size} is not divisible by process_count={n}; change it")
+        raise ConfigError(f"eval batch_size={batch_size} is not divisible by process_count={n}; change it")
     if packing not in PACKINGS:
-        raise ValueError(f"packing={packing!r}: use one of {PACKINGS}")
+        raise ConfigError(f"packing={packing!r}: use one of {PACKINGS}")
     meta, readers = _open(dataset_dir, split)
     tok = meta.get("tokenizer", {})
     where = shards.join(dataset_dir, split)
@@ -464,7 +465,7 @@ def eval_batches(
     if packing == "best-fit":
         G = int(pack_rows or local)
         if local % G:
-            raise ValueError(f"pack_rows={G} does not divide the {local} eval rows per process; change it")
+            raise ConfigError(f"pack_rows={G} does not divide the {local} eval rows per process; change it")
         docs = BestFitDocs(readers, block_size, official_pad_id(tok), where)
         num_batches = math.ceil(math.ceil(docs.num_docs / G) / (batch_size // G))
         if max_batches is not None:

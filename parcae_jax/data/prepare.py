@@ -41,16 +41,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from parcae_jax import fileio
+from parcae_jax import errors, fileio
 from parcae_jax.data import shards, sources
 from parcae_jax.data.tokenizer import (
     MODEL_FILE,
     SentencePieceTokenizer,
     Tokenizer,
-    TokenizerError,
     load_tokenizer,
     train_tokenizer,
 )
+from parcae_jax.errors import UserError
 
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -61,7 +61,7 @@ PROGRESS_FILE = "progress.json"
 _CHUNK_DOCS, _CHUNK_CHARS = 512, 2_000_000  # one unit of work for a tokeniser process
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """The preparation cannot start or continue (message says why and what to do)."""
 
 
@@ -164,12 +164,12 @@ def _flush(output: str, split: str, state: _SplitState, dtype: np.dtype, plan: s
     state.buffer, state.buffer_tokens, state.buffer_source_documents = [], 0, 0
 
 
-def _chunks(source: str, val_fraction: float, states: dict[str, _SplitState]):
+def _chunks(source: str, val_fraction: float, states: dict[str, _SplitState], on_decode_error: str):
     """Chunks of (splits, texts) still to tokenise; documents in complete shards are skipped here."""
     splits: list[str] = []
     texts: list[str] = []
     chars = 0
-    for text in sources.iter_documents(source):
+    for text in sources.iter_documents(source, on_decode_error):
         split = split_of(text, val_fraction)
         if states[split].skip:
             states[split].skip -= 1
@@ -190,19 +190,36 @@ def _chunks(source: str, val_fraction: float, states: dict[str, _SplitState]):
 
 
 def _arguments(source: str, tokenizer: Tokenizer, val_fraction: float, shard_tokens: int,
-               dtype: np.dtype) -> dict:
-    """Everything that determines the shard bytes (not --workers, which does not)."""
-    return {"format": shards.FORMAT, "source": source, "tokenizer_fingerprint": tokenizer.fingerprint,
-            "val_fraction": val_fraction, "shard_tokens": shard_tokens, "dtype": dtype.name,
-            "split_rule": SPLIT_RULE}
+               dtype: np.dtype, on_decode_error: str) -> dict:
+    """Everything that determines the shard bytes (not --workers, which does not). The decode-error
+    rule is recorded only when it is not the default, so datasets made before it existed still match."""
+    arguments = {"format": shards.FORMAT, "source": source, "tokenizer_fingerprint": tokenizer.fingerprint,
+                 "val_fraction": val_fraction, "shard_tokens": shard_tokens, "dtype": dtype.name,
+                 "split_rule": SPLIT_RULE}
+    if on_decode_error != "strict":
+        arguments["on_decode_error"] = on_decode_error
+    return arguments
 
 
 def _plan_key(arguments: dict) -> str:
     return hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_output(output: str, arguments: dict, overwrite: bool) -> bool:
-    """True when `output` is already a complete dataset made with `arguments`; raises on conflicts."""
+def _damaged_shards(output: str, checksums: bool) -> list[tuple[str, str]]:
+    """(record path, problem) of every shard of a complete dataset that is not intact."""
+    meta = fileio.read_json(shards.join(output, "metadata.json"))
+    damaged = []
+    for split, info in meta["splits"].items():
+        for index in range(int(info["shards"])):
+            problem = shards.shard_problem(output, split, index, checksums=checksums)
+            if problem is not None:
+                damaged.append((shards.shard_paths(output, split, index)[2], problem))
+    return damaged
+
+
+def _check_output(output: str, arguments: dict, overwrite: bool, repair: bool, log) -> bool:
+    """True when `output` is already a complete, intact dataset made with `arguments` (damaged shards
+    are scheduled for rebuilding: False); raises on conflicts."""
     metadata_path = shards.join(output, "metadata.json")
     progress_path = shards.join(output, PROGRESS_FILE)
     previous = fileio.read_json(progress_path).get("arguments") if fileio.exists(progress_path) else None
@@ -214,7 +231,14 @@ def _check_output(output: str, arguments: dict, overwrite: bool) -> bool:
                          "fingerprint")}
         previous = {**arguments, **made_with} if meta.get("format") == shards.FORMAT else {}
     if complete and previous == arguments:
-        return True
+        damaged = _damaged_shards(output, checksums=repair)
+        if not damaged:
+            return True
+        for record_path, problem in damaged:
+            log(f"prepare: damaged shard ({problem}): rebuilding it and the shards after it")
+            fileio.delete(record_path)
+        fileio.delete(metadata_path)  # the folder stops looking complete until the rebuild ends
+        return False
     if overwrite:
         fileio.delete(metadata_path)  # first: the folder must stop looking complete
         fileio.delete(progress_path)
@@ -237,8 +261,10 @@ def _check_output(output: str, arguments: dict, overwrite: bool) -> bool:
 def prepare(source: str, tokenizer_path: str, output: str, val_fraction: float = DEFAULT_VAL_FRACTION,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None, dtype: str | None = None,
             overwrite: bool = False, command: str | None = None, show_progress: bool = True,
-            log=print) -> dict:
-    """Tokenise `source` into `output` (local folder or TensorStore URL); returns the metadata dict."""
+            log=print, on_decode_error: str = "strict", repair: bool = False) -> dict:
+    """Tokenise `source` into `output` (local folder or TensorStore URL); returns the metadata dict.
+    A complete dataset is checked (shard sizes; with `repair` also checksums) and damaged shards are
+    rebuilt; `on_decode_error='replace'` turns invalid UTF-8 into U+FFFD instead of failing."""
     import parcae_jax
 
     if not 0.0 <= val_fraction < 1.0:
@@ -251,9 +277,9 @@ def prepare(source: str, tokenizer_path: str, output: str, val_fraction: float =
     workers = max(1, os.cpu_count() or 1) if workers is None else max(1, workers)
     if not fileio.is_remote(output):
         output = os.path.abspath(os.path.expanduser(output))
-    arguments = _arguments(source, tokenizer, val_fraction, shard_tokens, token_dtype)
+    arguments = _arguments(source, tokenizer, val_fraction, shard_tokens, token_dtype, on_decode_error)
     plan = _plan_key(arguments)
-    if _check_output(output, arguments, overwrite):
+    if _check_output(output, arguments, overwrite, repair, log):
         log(f"prepare: {output} is already complete")
         return shards.load_metadata(output)
     progress = {"arguments": arguments, "plan": plan}
@@ -268,7 +294,7 @@ def prepare(source: str, tokenizer_path: str, output: str, val_fraction: float =
     new_tokens = 0
     bar = _progress_bar(source, skipped, show_progress)
     try:
-        chunks = _chunks(source, val_fraction, states)
+        chunks = _chunks(source, val_fraction, states, on_decode_error)
         for splits, arrays in _ordered_token_chunks(chunks, tokenizer, token_dtype, workers):
             for split, ids in zip(splits, arrays, strict=True):
                 state = states[split]
@@ -354,7 +380,7 @@ def ensure_shakespeare_dataset(cache_dir: str, vocab_size: int, log=print) -> tu
 # ---------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parcae_jax.data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True,
@@ -369,16 +395,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a dataset made with other arguments")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--on-decode-error", choices=sources.DECODE_ERRORS, default="strict",
+                        help="invalid UTF-8 in text/jsonl sources: fail naming file and byte (strict), or "
+                             "replace it with U+FFFD (recorded in the dataset's arguments)")
+    parser.add_argument("--repair", action="store_true",
+                        help="check every shard's checksum too (sizes are always checked) and rebuild "
+                             "damaged ones")
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", "-m", "parcae_jax.data.prepare", *given])
-    try:
-        prepare(args.source, args.tokenizer, args.output, args.val_fraction, args.shard_tokens, args.workers,
-                args.dtype, args.overwrite, command=command, show_progress=not args.no_progress)
-    except (PrepareError, TokenizerError, sources.SourceError, shards.ShardError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    prepare(args.source, args.tokenizer, args.output, args.val_fraction, args.shard_tokens, args.workers,
+            args.dtype, args.overwrite, command=command, show_progress=not args.no_progress,
+            on_decode_error=args.on_decode_error, repair=args.repair)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -22,19 +22,21 @@ other state (an interrupted write, a truncated copy) raises `ShardError` naming 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from parcae_jax import fileio
+from parcae_jax.errors import UserError
 
 FORMAT = "parcae-jax-token-shards-v1"
 SHARD_NAME = "shard_{:05d}"
 _DOC_DTYPE = np.dtype("<i8")
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard or dataset folder is missing, incomplete or inconsistent (message names file and fix)."""
 
 
@@ -89,19 +91,36 @@ def write_shard(
     limit = np.iinfo(dtype).max
     if flat.size and (flat.min() < 0 or flat.max() > limit):
         raise ShardError(f"token id {int(flat.max())} does not fit {dtype.name} shards; use uint32")
-    fileio.write_bytes_atomic(tokens_path, flat.astype(dtype).tobytes())
-    fileio.write_bytes_atomic(docs_path, offsets.tobytes())
-    record = {"tokens": int(offsets[-1]), "documents": len(documents), "dtype": dtype.name, **(extra or {})}
+    token_bytes, doc_bytes = flat.astype(dtype).tobytes(), offsets.tobytes()
+    fileio.write_bytes_atomic(tokens_path, token_bytes)
+    fileio.write_bytes_atomic(docs_path, doc_bytes)
+    record = {"tokens": int(offsets[-1]), "documents": len(documents), "dtype": dtype.name,
+              "crc32": {"tokens": _crc32(token_bytes), "docs": _crc32(doc_bytes)}, **(extra or {})}
     fileio.write_json_atomic(record_path, record, sort_keys=True)  # last: marks the shard complete
     return record
 
 
+def _crc32(data: bytes) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
 def shard_is_complete(dataset_dir: str, split: str, index: int) -> bool:
+    return shard_problem(dataset_dir, split, index) is None
+
+
+def shard_problem(dataset_dir: str, split: str, index: int, *, checksums: bool = False) -> str | None:
+    """What is wrong with a shard (incomplete, resized, or with `checksums` changed bytes), or None."""
     try:
-        ShardReader(dataset_dir, split, index)
-    except (ShardError, FileNotFoundError):
-        return False
-    return True
+        reader = ShardReader(dataset_dir, split, index)
+    except (ShardError, FileNotFoundError) as e:
+        return str(e).split(";")[0]
+    if checksums:
+        record = fileio.read_json(shard_paths(dataset_dir, split, index)[2])
+        for name, path in (("tokens", reader.tokens_path), ("docs", reader.docs_path)):
+            expected = record.get("crc32", {}).get(name)
+            if expected is not None and _crc32(fileio.read_bytes(path)) != expected:
+                return f"{path}: bytes changed since it was written (checksum mismatch)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -135,8 +154,8 @@ class ShardReader:
             size = size_of(path)
             if size != expected:
                 raise ShardError(
-                    f"{path}: {size} bytes, expected {expected} (truncated or corrupted copy); "
-                    f"delete {record_path} and re-run preparation to rebuild this shard"
+                    f"{path}: {size} bytes, expected {expected} (truncated or corrupted copy); re-run "
+                    "`python -m parcae_jax.data.prepare` with the same arguments: it rebuilds damaged shards"
                 )
         self.doc_offsets = np.frombuffer(fileio.read_bytes(self.docs_path), dtype=_DOC_DTYPE).astype(np.int64)
         self._memmap = None

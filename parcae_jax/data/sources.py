@@ -27,12 +27,14 @@ import pathlib
 import re
 from collections.abc import Iterator
 
+from parcae_jax.errors import UserError
+
 SHAKESPEARE = "shakespeare"
 SOURCE_KINDS = ("parquet", "jsonl", "text")
 _PARQUET_BATCH_ROWS = 1024  # rows per record batch: bounded memory even for multi-GB parquet files
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A source spec or input file is unusable (message names the file and the fix)."""
 
 
@@ -84,18 +86,35 @@ def _check_not_empty(path: str) -> None:
         raise SourceError(f"{path}: file is empty; remove it from the input or fix the download")
 
 
-def _iter_text_files(files: list[str]) -> Iterator[str]:
-    for path in files:
-        _check_not_empty(path)
-        with open(path, encoding="utf-8") as f:
-            yield f.read()
+DECODE_ERRORS = ("strict", "replace")
 
 
-def _iter_jsonl(files: list[str]) -> Iterator[str]:
+def _decode(raw: bytes, path: str, offset: int, on_error: str) -> str:
+    """UTF-8 text of `raw` (which starts at byte `offset` of `path`); invalid bytes fail with their
+    file and byte offset, or become U+FFFD with on_error='replace'."""
+    try:
+        return raw.decode("utf-8", errors=on_error)
+    except UnicodeDecodeError as err:
+        raise SourceError(
+            f"{path}: invalid UTF-8 at byte {offset + err.start} ({err.reason}); fix or re-encode the file, "
+            "or pass --on-decode-error=replace to replace invalid bytes with U+FFFD"
+        ) from None
+
+
+def _iter_text_files(files: list[str], on_error: str) -> Iterator[str]:
     for path in files:
         _check_not_empty(path)
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            yield _decode(f.read(), path, 0, on_error)
+
+
+def _iter_jsonl(files: list[str], on_error: str) -> Iterator[str]:
+    for path in files:
+        _check_not_empty(path)
+        offset = 0
+        with open(path, "rb") as f:
+            for line_number, raw in enumerate(f, start=1):
+                line, offset = _decode(raw, path, offset, on_error), offset + len(raw)
                 if not line.strip():
                     continue
                 try:
@@ -110,7 +129,7 @@ def _iter_jsonl(files: list[str]) -> Iterator[str]:
                 yield record["text"]
 
 
-def _iter_parquet(files: list[str]) -> Iterator[str]:
+def _iter_parquet(files: list[str], on_error: str) -> Iterator[str]:  # Arrow strings are valid UTF-8
     import pyarrow.parquet as pq
 
     for path in files:
@@ -137,14 +156,17 @@ def validate_spec(spec: str) -> None:
         matching_files(kind, pattern)
 
 
-def iter_documents(spec: str) -> Iterator[str]:
-    """Every document of `spec` in a fixed order (see the module docstring for the spec syntax)."""
+def iter_documents(spec: str, on_decode_error: str = "strict") -> Iterator[str]:
+    """Every document of `spec` in a fixed order (see the module docstring for the spec syntax);
+    `on_decode_error` is 'strict' (invalid UTF-8 fails, naming file and byte) or 'replace'."""
+    if on_decode_error not in DECODE_ERRORS:
+        raise SourceError(f"on_decode_error={on_decode_error!r}: use one of {DECODE_ERRORS}")
     kind, pattern = parse_spec(spec)
     if kind == SHAKESPEARE:
         return iter(shakespeare_documents())
     files = matching_files(kind, pattern)
     reader = {"parquet": _iter_parquet, "jsonl": _iter_jsonl, "text": _iter_text_files}[kind]
-    return reader(files)
+    return reader(files, on_decode_error)
 
 
 def count_hint(spec: str) -> int | None:

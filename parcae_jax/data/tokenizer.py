@@ -37,8 +37,9 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from parcae_jax import fileio
+from parcae_jax import errors, fileio
 from parcae_jax.data import sources
+from parcae_jax.errors import UserError
 
 MODEL_FILE = "tokenizer.model"
 METADATA_FILE = "tokenizer.json"
@@ -49,7 +50,7 @@ _SPACE_MARK = "\u2581"  # SentencePiece's internal space symbol
 _MIN_VOCAB = 4 + 1 + 256 + 8  # specials, "\n", byte tokens, and a few learned pieces
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file or folder is missing or unusable (message names the path and the fix)."""
 
 
@@ -472,7 +473,7 @@ def train_tokenizer(inputs: Sequence[str], vocab_size: int, output_dir: str,
 # ---------------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parcae_jax.data.tokenizer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -485,13 +486,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="train on an even sample of at most this many characters")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
-    try:
-        tokenizer = train_tokenizer(args.input, args.vocab_size, args.output, args.max_chars, args.overwrite)
-    except (TokenizerError, sources.SourceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    tokenizer = train_tokenizer(args.input, args.vocab_size, args.output, args.max_chars, args.overwrite)
     print(tokenizer.describe())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

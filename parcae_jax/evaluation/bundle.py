@@ -26,6 +26,8 @@ import zipfile
 
 import yaml
 
+from parcae_jax.errors import ConfigError, UserError
+
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 DEFAULT_BUNDLE_DIR = "~/.cache/parcae_jax/eval_bundle"
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -33,7 +35,7 @@ EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundl
 DEFAULT_BASELINE = 25.0
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """The evaluation bundle is missing or malformed (message names the file and the fix)."""
 
 
@@ -175,7 +177,7 @@ class Bundle:
             return [self.yaml_tasks.get(t.label, t) for t in CORE_TASKS]
         if name == "core_extended":
             return list(CORE_EXTENDED_TASKS)
-        raise ValueError(f"unknown task suite {name!r}: expected 'core' or 'core_extended'")
+        raise ConfigError(f"unknown task suite {name!r}: expected 'core' or 'core_extended'")
 
     def data_path(self, spec: TaskSpec) -> pathlib.Path | None:
         """The task's jsonl, or None when the bundle lacks it."""

@@ -8,6 +8,7 @@ Tasks: loss, depth_sweep, core, core_extended, lambada, sample (see parcae_jax/e
 
 import ml_collections
 
+from parcae_jax.errors import ConfigError
 from parcae_jax.evaluation.tasks import TASKS
 
 
@@ -15,7 +16,7 @@ def get_config(arg=None):
     tasks = tuple(t.strip() for t in (arg or "loss").split(",") if t.strip())
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown eval task(s) {unknown}: choose from {', '.join(TASKS)}")
+        raise ConfigError(f"unknown eval task(s) {unknown}: choose from {', '.join(TASKS)}")
     c = ml_collections.ConfigDict()
     c.tasks = tasks
     # What to evaluate: a training workdir (latest step, or `step`), WORKDIR/checkpoints/STEP, a parcae-jax

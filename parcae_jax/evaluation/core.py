@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from parcae_jax.errors import ConfigError
 from parcae_jax.evaluation.bundle import CORE_LABELS, Bundle, TaskSpec, file_sha256
 from parcae_jax.evaluation.scoring import TokenScorer, next_token_rows
 
@@ -200,7 +201,7 @@ def prepare_task(spec: TaskSpec, full_data: list[dict], cut_data: list[dict], to
     k = spec.num_fewshot
     pool, pool_name = (cut_data, "task") if len(cut_data) > k else (full_data, "full")
     if len(pool) <= k and k > 0:
-        raise ValueError(f"task {spec.label} has {len(full_data)} examples, too few for {k}-shot prompts")
+        raise ConfigError(f"task {spec.label} has {len(full_data)} examples, too few for {k}-shot prompts")
     bos = bos_id if bos_id is not None else getattr(tokenizer, "bos_id", None)
     bos = FALLBACK_BOS_ID if bos is None else bos
     examples = []

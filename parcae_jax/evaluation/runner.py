@@ -20,6 +20,7 @@ from typing import Any
 import jax
 
 from parcae_jax import fileio, loading, sharding
+from parcae_jax.errors import ConfigError
 from parcae_jax.evaluation import report
 from parcae_jax.evaluation.tasks import TASKS, parse_ints, run_task
 
@@ -44,7 +45,7 @@ def core_bos_id(kind: str, tokenizer, explicit: int = -1) -> int | None:
     parcae-jax checkpoint the tokenizer's BOS, the one its training rows started documents with."""
     if explicit is not None and explicit >= 0:
         if tokenizer is not None and explicit >= tokenizer.vocab_size:
-            raise ValueError(f"--config.bos_id={explicit} is outside the tokenizer's vocabulary "
+            raise ConfigError(f"--config.bos_id={explicit} is outside the tokenizer's vocabulary "
                              f"({tokenizer.vocab_size} ids); pick an id below it or -1 for the official rule")
         return int(explicit)
     if tokenizer is None:
@@ -88,11 +89,11 @@ def run(config, log=print) -> dict:
     tasks = [t for t in config.tasks if t]
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
-        raise ValueError(f"unknown or no tasks {unknown or tasks}: choose from {', '.join(TASKS)}")
+        raise ConfigError(f"unknown or no tasks {unknown or tasks}: choose from {', '.join(TASKS)}")
     if not config.checkpoint:
-        raise ValueError("--config.checkpoint=PATH is required (workdir, step folder or model folder)")
+        raise ConfigError("--config.checkpoint=PATH is required (workdir, step folder or model folder)")
     if config.log_samples and not config.output:
-        raise ValueError("--config.log_samples=True writes <output stem>.samples.jsonl next to the results: "
+        raise ConfigError("--config.log_samples=True writes <output stem>.samples.jsonl next to the results: "
                          "set --config.output=FILE")
     t_start = time.perf_counter()
     overrides = {"compute_dtype": config.compute_dtype} if config.compute_dtype else {}
@@ -105,7 +106,7 @@ def run(config, log=print) -> dict:
     needs_tokenizer = {"core", "core_extended", "lambada", "sample"} & set(tasks)
     if tokenizer is None and (needs_tokenizer or config.text):
         needed_by = sorted(needs_tokenizer) or "config.text"
-        raise ValueError(f"no tokenizer found for {ckpt.path} (needed by {needed_by}); "
+        raise ConfigError(f"no tokenizer found for {ckpt.path} (needed by {needed_by}); "
                          "pass --config.tokenizer=PATH")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     max_len = min(int(config.max_seq_len) or cfg.block_size, cfg.block_size)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from parcae_jax import engine
+from parcae_jax.errors import ConfigError
 from parcae_jax.evaluation.scoring import model_apply
 from parcae_jax.sampling import GREEDY, Sampling, sample_tokens
 
@@ -47,7 +48,7 @@ class NoCacheSampler:
         sample_key = jax.random.key(seed)
         seqs = [list(p) for p in prompts]
         if any(len(s) == 0 for s in seqs):
-            raise ValueError("every prompt needs at least one token (e.g. BOS)")
+            raise ConfigError("every prompt needs at least one token (e.g. BOS)")
         new: list[list[int]] = [[] for _ in seqs]
         done = np.zeros(len(seqs), bool)
         uids = jnp.arange(len(seqs), dtype=jnp.int32)

@@ -8,6 +8,7 @@ runs.
 
 from __future__ import annotations
 
+from parcae_jax.errors import ConfigError
 from parcae_jax.evaluation import bundle as bundles
 
 DEFAULT_SHARD_ROWS = 256  # `max_rows=0` on anything but a workdir's own validation set
@@ -39,7 +40,7 @@ def loss_rows(config, ckpt, tokenizer, max_len: int):
         return rows, {**validation.to_dict(), "rows": len(rows), "rule": "the training run's validation set"}
     dataset_dir = config.dataset_dir or loading.find_dataset(ckpt.run_config)
     if dataset_dir is None:
-        raise ValueError("the loss tasks need held-out data: --config.dataset_dir=PREPARED_SHARDS or "
+        raise ConfigError("the loss tasks need held-out data: --config.dataset_dir=PREPARED_SHARDS or "
                          "--config.text=parquet:GLOB|jsonl:GLOB")
     if tokenizer is not None:
         from parcae_jax.data import shards
@@ -128,6 +129,6 @@ def run_task(task: str, config, *, ckpt, scorer, tokenizer, depths, keys, plot_p
              on_sample=None) -> dict:
     """The JSON section of `task` (one of `TASKS`) for the loaded checkpoint `ckpt` (`loading.Loaded`)."""
     if task not in _RUNNERS:
-        raise ValueError(f"unknown task {task!r}")
+        raise ConfigError(f"unknown task {task!r}")
     return _RUNNERS[task](task, config, ckpt=ckpt, scorer=scorer, tokenizer=tokenizer, depths=depths,
                           keys=keys, plot_path=plot_path, log=log, bos_id=bos_id, on_sample=on_sample)

@@ -15,7 +15,8 @@ import collections
 import shlex
 import sys
 
-from parcae_jax import flops
+from parcae_jax import errors, flops
+from parcae_jax.errors import ConfigError
 from parcae_jax.metrics import format_duration
 from parcae_jax.scaling import fit, plots, runner, state, sweep
 
@@ -29,7 +30,7 @@ def peak_for(device: str) -> float:
         peak = flops.peak_flops_per_device(kind)
         if peak is not None:
             return peak
-    raise ValueError(f"unknown device {device!r}: try h100, h200, a100, v4, v5e, v5p, v6e")
+    raise ConfigError(f"unknown device {device!r}: try h100, h200, a100, v4, v5e, v5p, v6e")
 
 
 def plan_table(points: list[sweep.Point], peak: float, mfu: float, num_devices: int) -> str:
@@ -76,7 +77,7 @@ def status_table(root: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parcae_jax.scaling", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -144,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         print(fit.summary(fits))
         print(f"wrote {out}/fits.json" + "".join(f", {name}" for name in fits["plots"]))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) in the error boundary; its exit status."""
+    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from parcae_jax import fileio
+from parcae_jax.errors import UserError
 from parcae_jax.scaling import laws
 from parcae_jax.scaling.state import RESULT_FILE
 
@@ -119,7 +120,7 @@ def unified_data(results: list[dict]) -> dict[str, np.ndarray]:
 def fit_all(results: list[dict]) -> dict:
     """Every fit as one JSON-able dict (plus the fitted `UnifiedLaw` under "_law" for the plots)."""
     if not results:
-        raise ValueError("no finished runs (no */result.json): run `python -m parcae_jax.scaling run` first")
+        raise UserError("no finished runs (no */result.json): run `python -m parcae_jax.scaling run` first")
     isoflops = fit_isoflops(results)
     fits = {
         "num_runs": len(results),
@@ -185,24 +186,21 @@ def summary(fits: dict) -> str:
                 f"  power law {symbol} = {law['exponent']:.3f} ± {law['exponent_err']:.3f} "
                 f"over {law['num_budgets']} budgets (paper {law['paper_exponent']})"
             )
-    tt = fits["test_time"]
-    if "error" in tt:
+    tt, u = fits["test_time"], fits["unified"]
+    good = [v for v in tt.values() if "error" not in v] if "error" not in tt else []
+    if good:
+        mre = np.mean([v.get("mean_rel_error", np.nan) for v in good])
+        saturating = sum(v["saturating"] for v in good)
+        lines.append(
+            f"  test-time law fitted on {len(good)}/{len(tt)} runs, mean rel. error {mre:.3%}; "
+            f"{saturating} saturate (Z > 0), {len(good) - saturating} get worse with depth"
+        )
+    elif "error" in tt:
         lines.append(f"  test-time law: n/a ({tt['error']})")
-    else:
-        good = [v for v in tt.values() if "error" not in v]
-        if good:
-            mre = np.mean([v.get("mean_rel_error", np.nan) for v in good])
-            saturating = sum(v["saturating"] for v in good)
-            lines.append(
-                f"  test-time law fitted on {len(good)}/{len(tt)} runs, mean rel. error {mre:.3%}; "
-                f"{saturating} saturate (Z > 0), {len(good) - saturating} get worse with depth"
-            )
-    u = fits["unified"]
     if "error" in u:
         lines.append(f"  unified law: n/a ({u['error']})")
     else:
-        p = u["params"]
-        lines.append("  unified law " + ", ".join(f"{k}={v:.4g}" for k, v in p.items()))
+        lines.append("  unified law " + ", ".join(f"{k}={v:.4g}" for k, v in u["params"].items()))
         lines.append(
             f"    mean rel. error {u['mean_rel_error']:.3%} in sample, {u['loo_mean_rel_error']:.3%} "
             f"leave-one-run-out ({u['num_points']} points, {u['num_runs']} runs; paper 0.85-1.31%)"

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from etils import epath
 
 from parcae_jax import fileio
+from parcae_jax.errors import ConfigError, NotFoundError
 from parcae_jax.evaluation import config as eval_config
 from parcae_jax.scaling import state
 from parcae_jax.scaling.sweep import REPO, Point, read_plan
@@ -58,7 +59,7 @@ def train_command(
         return point.command(python)
     if launcher == "pod":
         return ["bash", POD_LAUNCHER, *launcher_args, *point.train_args()]
-    raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    raise ConfigError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
 
 
 def wait_for_final_checkpoint(point: Point, poll_seconds: float, say: Callable[[str], None]) -> None:
@@ -204,10 +205,10 @@ def run_sweep(
     if only:
         unknown = set(only) - {p.name for p in points}
         if unknown:
-            raise KeyError(f"unknown points {sorted(unknown)}; the plan has {[p.name for p in points]}")
+            raise ConfigError(f"unknown points {sorted(unknown)}; the plan has {[p.name for p in points]}")
         points = [p for p in points if p.name in only]
     if launcher == "pod" and not dry_run and not (REPO / POD_LAUNCHER).exists():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{REPO / POD_LAUNCHER} not found: --launcher pod needs the TPU scripts of a repository "
             "checkout (tpu_setup/); run from a checkout, use --launcher local, or --dry-run to print"
         )

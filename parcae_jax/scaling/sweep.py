@@ -25,6 +25,7 @@ import ml_collections
 
 from parcae_jax import fileio, flops
 from parcae_jax.cli_config import load_config
+from parcae_jax.errors import ConfigError, NotFoundError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]  # where configs/ live; commands run there
 PLAN_FILE = "sweep.json"
@@ -41,7 +42,7 @@ def backprop_depth(rule: str, mean_recurrence: int) -> int:
         return mean_recurrence
     if rule.startswith("fixed:"):
         return min(int(rule.partition(":")[2]), mean_recurrence)
-    raise ValueError(f"backprop_depth rule must be ceil_half, equal or fixed:K, got {rule!r}")
+    raise ConfigError(f"backprop_depth rule must be ceil_half, equal or fixed:K, got {rule!r}")
 
 
 def format_budget(value: float) -> str:
@@ -115,7 +116,7 @@ def load_sweep(path: str) -> ml_collections.ConfigDict:
     sweep = load_config(path)
     for key in ("name", "base_config", "mean_recurrences", "backprop_depth", "flop_budgets", "depth_sweep"):
         if key not in sweep:
-            raise KeyError(f"{path}: a sweep config needs the field {key!r}")
+            raise ConfigError(f"{path}: a sweep config needs the field {key!r}")
     return sweep
 
 
@@ -125,7 +126,7 @@ def _absolute_spec(base: str) -> str:
     file, sep, arg = base.partition(":")
     path = file if os.path.isabs(file) else str(REPO / file)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"base config {file} not found (relative paths are from {REPO})")
+        raise NotFoundError(f"base config {file} not found (relative paths are from {REPO})")
     return f"{path}{sep}{arg}"
 
 
@@ -206,7 +207,7 @@ def write_plan(sweep, sweep_path: str, root: str | os.PathLike, points: list[Poi
             previous = Point.from_json(json.loads(old.read_text()))
             started = (folder / "checkpoints").exists() or (folder / "metrics.jsonl").exists()
             if previous.command() != point.command() and started:
-                raise ValueError(
+                raise ConfigError(
                     f"{folder} already holds a run with another command:\n"
                     f"  {shlex.join(previous.command())}\nnow:\n  {shlex.join(point.command())}\n"
                     "use a new --root (or delete that point's folder)"
@@ -230,7 +231,7 @@ def read_plan(root: str | os.PathLike) -> tuple[dict, list[Point]]:
     root = pathlib.Path(root)
     path = root / PLAN_FILE
     if not path.exists():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{path} not found: run `python -m parcae_jax.scaling plan --root {root}` first"
         )
     plan = json.loads(path.read_text())
