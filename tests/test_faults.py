@@ -270,3 +270,20 @@ def test_a_failed_asynchronous_save_stops_the_run_at_once(dataset, tmp_path, mon
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) <= 5  # stopped at the step after the failed save
     assert _no_partial_steps(workdir)
+
+
+def test_a_step_folder_manifest_finds_deleted_resized_and_changed_files(tmp_path):
+    from parcae_jax import integrity
+
+    step = tmp_path / "7"
+    (step / "state").mkdir(parents=True)
+    (step / "state" / "data").write_bytes(b"x" * 100)
+    (step / "meta").mkdir()
+    (step / "meta" / "metadata").write_text("{}")
+    assert integrity.write_manifest(str(step)) == 102 and integrity.problem(str(step)) is None
+    (step / "state" / "data").write_bytes(b"y" * 100)
+    assert "checksum mismatch" in integrity.problem(str(step))
+    (step / "state" / "data").write_bytes(b"x" * 90)
+    assert "has 90 bytes, 100 were written" in integrity.problem(str(step))
+    (step / "meta" / "metadata").unlink()
+    assert integrity.problem(str(step), ("meta/metadata",)) == "meta/metadata is missing"
