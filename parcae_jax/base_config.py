@@ -90,6 +90,13 @@ def base(model_fields: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # micro-batches and devices) or 'global' (one mean over every real token of the step).
     cfg.train.loss_normalization = "micro_batch"
     cfg.train.z_loss = 0.0
+    # The LM head and loss run over sequence chunks of at most this many tokens under remat, so the
+    # fp32 [B, T, V] logits never exist at once (0: one chunk). Same loss and gradients.
+    cfg.train.loss_chunk_len = 512
+    # Sort each step's sequences by their sampled depth and split every device micro-batch into up to
+    # this many groups, each running its gradient-free recurrences only to its own largest depth
+    # (0: the official layout, every micro-batch loops to its largest depth). Same gradient.
+    cfg.train.depth_groups = 8
     cfg.train.loss_guardrail = "stop"  # stop | rollback | none
     cfg.train.guardrail_loss = 6.0
     cfg.train.guardrail_after_tokens = 10_000_000_000

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -36,3 +38,31 @@ def cross_entropy(
     count = jnp.sum(valid)
     loss = jnp.sum(nll) / jnp.maximum(count, 1).astype(jnp.float32)
     return loss, {"nll_sum": jnp.sum(nll), "tokens": count}
+
+
+def chunk_count(length: int, chunk_len: int) -> int:
+    """How many equal sequence chunks of at most `chunk_len` tokens split `length` (1: no chunking,
+    also for `chunk_len` 0). The smallest count whose chunks fit, so chunks stay as long as allowed."""
+    if chunk_len <= 0 or length <= chunk_len:
+        return 1
+    return next(c for c in range(-(-length // chunk_len), length + 1) if length % c == 0)
+
+
+def over_chunks(fn: Callable, chunk_len: int, x: Float[Array, "B T D"], labels: Int[Array, "B T"],
+                *, remat: bool = False):
+    """`fn(x_chunk, labels_chunk)` -> a tuple of [B, Tc] arrays, over sequence chunks of at most
+    `chunk_len` tokens, concatenated back to [B, T] each.
+
+    Why by hand: no library (optax included) fuses the LM head with its loss. `fn` applies the head,
+    so the fp32 logits of only one chunk [B, Tc, V] exist at a time; with `remat` each chunk runs under
+    `jax.checkpoint`, so the backward recomputes a chunk's logits instead of keeping them all."""
+    B, T = labels.shape
+    chunks = chunk_count(T, chunk_len)
+    if remat:
+        fn = jax.checkpoint(fn)
+    if chunks == 1:
+        return fn(x, labels)
+    xs = x.reshape(B, chunks, T // chunks, x.shape[-1]).swapaxes(0, 1)
+    ls = labels.reshape(B, chunks, T // chunks).swapaxes(0, 1)
+    outs = jax.lax.map(lambda a: fn(*a), (xs, ls))
+    return tuple(o.swapaxes(0, 1).reshape(B, T) for o in outs)

@@ -54,6 +54,11 @@ def row_states(key: jax.Array, cfg: ModelConfig, rows: Int[Array, " B"], length:
     return jax.vmap(lambda r: init_state(jax.random.fold_in(key, r), cfg, (length, cfg.d_rec)))(rows)
 
 
+def _per_row(x: Array, ndim: int) -> Array:
+    """A depth of shape (), [B] or [B, T] made broadcastable against [B, T]."""
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim)) if x.ndim else x
+
+
 def _remat_policy(impl: str):
     if "sac" in impl:
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -201,13 +206,17 @@ class Parcae(_LM):
         x = self._stage(self.prelude, tables, self.embed(ids), ids, rope, layer_kv, remat=False)
         return self.ln_prelude(x) if self.ln_prelude is not None else x
 
-    def coda_forward(self, h, ids, rope, layer_kv=None, *, training: bool = False) -> Float[Array, "B T V"]:
-        """C, coda blocks, ln_f and head: logits fp32 from the final recurrent state."""
+    def coda_features(self, h, ids, rope, layer_kv=None, *, training: bool = False) -> Float[Array, "B T D"]:
+        """C, coda blocks and ln_f: the features the head reads, from the final recurrent state."""
         cfg = self.config
         remat = training and cfg.remat and "in-coda" in cfg.activation_checkpoint_impl
         x = self.C(h).astype(jnp.float32)
         x = self._stage(self.coda, cfg.ve_tables()["coda"], x, ids, rope, layer_kv, remat=remat)
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def coda_forward(self, h, ids, rope, layer_kv=None, *, training: bool = False) -> Float[Array, "B T V"]:
+        """`coda_features`, then the head: logits fp32 from the final recurrent state."""
+        return self.head(self.coda_features(h, ids, rope, layer_kv, training=training))
 
     def initial_state(self, ids, rng=None, initial_state=None):
         shape = (*ids.shape, self.config.d_rec)
@@ -259,9 +268,12 @@ class Parcae(_LM):
         rng=None,
         positions=None,
         return_telemetry: bool = False,
+        features: bool = False,
     ):
         """Logits after `num_steps` recurrences (default `mean_recurrence`; may be a traced int, so
-        changing it does not recompile). h0 is `initial_state`, else drawn from `rng` (default key 0)."""
+        changing it does not recompile). h0 is `initial_state`, else drawn from `rng` (default key 0).
+        `features=True` returns the head's input [B, T, D] instead (`losses.over_chunks` applies the
+        head a chunk at a time)."""
         cfg = self.config
         num_steps = cfg.mean_recurrence if num_steps is None else num_steps
         rope = self.rope(ids, positions)
@@ -270,7 +282,8 @@ class Parcae(_LM):
         step, args = self.recurrence(ids, e, rope, training=False)
         # A Python-int depth gives a static scan (differentiable); a traced one a while loop.
         out = recur(lambda r, h, c, run: (step(args, h), c, None), h0, count=num_steps, bound=num_steps)
-        logits = self.coda_forward(out.h, ids, rope)
+        x = self.coda_features(out.h, ids, rope)
+        logits = x if features else self.head(x)
         if not return_telemetry:
             return logits
         return logits, self._telemetry(out.h, out.h_prev, num_steps, 0)
@@ -286,35 +299,65 @@ class Parcae(_LM):
         initial_state=None,
         rng=None,
         positions=None,
+        depth_groups: int = 1,
+        row_shards: int = 1,
+        features: bool = False,
     ):
         """Truncated-BPTT forward: per element, `n` gradient-free then `k` gradient recurrences.
 
-        `n_steps`/`k_steps` are int arrays of shape (), (B,) or (B, T) (per-batch/sequence/token). All
-        elements run max(n) then `max_grad_steps` masked steps (gradient steps beyond the batch's
-        max(k) are skipped), so one compiled program serves every sampled depth (`loop.recur`).
-        Returns (logits fp32 [B, T, V], telemetry dict).
+        `n_steps`/`k_steps` are int arrays of shape (), (B,) or (B, T) (per-batch/sequence/token). The
+        gradient-free prefix runs in `depth_groups` groups of rows, each looping only to its own
+        largest n (rows sorted by depth make the groups tight). With the rows split in `row_shards`
+        equal blocks (one per data-parallel device), group g is the g-th slice of every block, so each
+        group stays spread over every device and no rows move between devices. Then every element runs
+        `max_grad_steps` masked steps (those beyond the batch's max(k) are skipped), so one compiled
+        program serves every sampled depth (`loop.recur`). Returns (logits fp32 [B, T, V], or with
+        `features` the head's input [B, T, D], and a telemetry dict with the executed and sampled
+        recurrences per sequence).
         """
         cfg = self.config
         rope = self.rope(ids, positions)
         e = self.prelude_forward(ids, rope)
         h0 = jax.lax.stop_gradient(self.initial_state(ids, rng, initial_state))
-        step, args = self.recurrence(ids, e, rope, training=True)
-        n = jnp.asarray(n_steps, jnp.int32)
+        n = jnp.broadcast_to(_per_row(jnp.asarray(n_steps, jnp.int32), ids.ndim), ids.shape)
         k = jnp.asarray(k_steps, jnp.int32)
+        if ids.shape[0] % (depth_groups * row_shards):
+            raise ValueError(f"depth_groups {depth_groups} x row_shards {row_shards} does not divide the "
+                             f"{ids.shape[0]} rows of the batch")
 
-        # Gradient-free prefix: every input is stop-gradient'ed so autodiff never sees the while loop.
-        frozen = _stop_gradient_tree(args)
-        prefix = recur(lambda r, h, c, run: (step(frozen, h), c, None), h0, count=n, bound=jnp.max(n))
-        h = jax.lax.stop_gradient(prefix.h)
+        def group(x, g):  # [B, ...] -> group g's rows [B / depth_groups, ...]
+            x = x.reshape(row_shards, depth_groups, -1, *x.shape[1:])[:, g]
+            return x.reshape(-1, *x.shape[2:])
 
+        # Gradient-free prefix, group by group: every input is stop-gradient'ed so autodiff never sees
+        # the while loops.
+        prefix, group_max = [], []
+        for g in range(depth_groups):
+            step_g, args_g = self.recurrence(group(ids, g), group(e, g), tuple(group(r, g) for r in rope),
+                                             training=True)
+            frozen, n_g = _stop_gradient_tree(args_g), group(n, g)
+            group_max.append(jnp.max(n_g))
+            run = recur(lambda r, h, c, run, s=step_g, a=frozen: (s(a, h), c, None),
+                        group(h0, g), count=n_g, bound=group_max[-1])
+            prefix.append(run.h.reshape(row_shards, -1, *run.h.shape[1:]))
+        h = jnp.stack(prefix, axis=1).reshape(h0.shape)  # back to the rows' order
+        h = jax.lax.stop_gradient(h)
+
+        step, args = self.recurrence(ids, e, rope, training=True)
         grad_step = step
         if cfg.remat and "per-iteration" in cfg.activation_checkpoint_impl:
             grad_step = jax.checkpoint(step, policy=_remat_policy(cfg.activation_checkpoint_impl))
         out = recur(lambda r, h, c, run: (grad_step(args, h), c, None), h, count=k, bound=int(max_grad_steps))
-        logits = self.coda_forward(out.h, ids, rope, training=True)
+        x = self.coda_features(out.h, ids, rope, training=True)
         tel = self._telemetry(out.h, None, jnp.mean(n), jnp.mean(k))
         tel["rel_residual"] = jnp.mean(rel_residual(out.h, out.h_prev))
-        return logits, tel
+        # Recurrences per sequence: sampled (n + k as drawn) and executed (its group's prefix bound
+        # plus the gradient steps the masked scan ran).
+        grad_trips = jnp.minimum(jnp.max(k), int(max_grad_steps)).astype(jnp.float32)
+        tel["sampled_recurrences"] = jnp.mean((n + jnp.broadcast_to(_per_row(k, ids.ndim), ids.shape))
+                                              .astype(jnp.float32))
+        tel["executed_recurrences"] = jnp.mean(jnp.stack(group_max).astype(jnp.float32)) + grad_trips
+        return (x if features else self.head(x)), tel
 
     def _telemetry(self, h, h_prev, n, k):
         h = jax.lax.stop_gradient(h)
@@ -338,15 +381,19 @@ class GPT(_LM):
                          cfg.mlp_hidden, rngs)
         self.ln_f = Norm(cfg.n_embd, cfg)
 
-    def __call__(self, ids: Int[Array, "B T"], *, positions=None, layer_kv=None, **unused):
-        """Logits; `layer_kv(i)` gives layer i its cache slot when decoding (see `Attention`)."""
+    def __call__(self, ids: Int[Array, "B T"], *, positions=None, layer_kv=None, features: bool = False,
+                 **unused):
+        """Logits (or with `features` the head's input); `layer_kv(i)` gives layer i its cache slot
+        when decoding (see `Attention`)."""
         cfg = self.config
         rope = self.rope(ids, positions)
         x = self._stage(self.h, range(cfg.n_layer), self.embed(ids), ids, rope, layer_kv, remat=cfg.remat)
-        return self.head(self.ln_f(x))
+        x = self.ln_f(x)
+        return x if features else self.head(x)
 
-    def forward_train(self, ids, n_steps=None, k_steps=None, *, max_grad_steps=0, positions=None, **unused):
-        return self(ids, positions=positions), {}
+    def forward_train(self, ids, n_steps=None, k_steps=None, *, max_grad_steps=0, positions=None,
+                      features: bool = False, **unused):
+        return self(ids, positions=positions, features=features), {}
 
 
 def build_model(cfg: ModelConfig | dict, *, seed: int = 0) -> Parcae | GPT:

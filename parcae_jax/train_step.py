@@ -167,24 +167,52 @@ def random_positions(cfg: ModelConfig, key: jax.Array, micro: int, rows_per_rank
     return jnp.repeat(pos, rows_per_rank, axis=0)
 
 
+def depth_group_count(requested: int, rows_per_rank: int) -> int:
+    """Groups per micro-batch for `train.depth_groups`: the largest divisor of a device's rows that is
+    at most `requested` (0: no sorting, the official layout)."""
+    if requested <= 0:
+        return 0
+    return max(g for g in range(1, min(requested, rows_per_rank) + 1) if rows_per_rank % g == 0)
+
+
+def depth_order(n, k, accum: int, micro: int, ranks: int, groups: int):
+    """The row layout that sorts a step's sequences by sampled depth: `order` [A, micro] with
+    `new[a, j] = old.flat[order[a, j]]`.
+
+    Sorted ascending by n + k (a per-token row by its deepest token), micro-batch a takes the a-th
+    block of the sorted rows, and inside it the rows are dealt so that group g of every device holds
+    consecutive sorted rows (the layout `Parcae.forward_train` groups with `row_shards`). Every row
+    keeps its own depths, h0, positions and loss weight, so the objective is unchanged."""
+    total = n + k
+    total = total.reshape(accum * micro, -1).max(axis=-1)
+    ranked = jnp.argsort(total, stable=True).reshape(accum, groups, ranks, micro // (groups * ranks))
+    return ranked.transpose(0, 2, 1, 3).reshape(accum, micro)
+
+
 def make_train_step(setup: TrainSetup, train_cfg):
     """`train_step(state, batch, key) -> (state, metrics)`; batch = {"inputs", "labels"[, "mask"]}."""
     cfg, graphdef, tx = setup.model_cfg, setup.graphdef, setup.tx
     k_max = max_grad_steps(cfg) if cfg.arch == "parcae" else 0
     z_loss = float(train_cfg.z_loss)
-    accum, per_rank = setup.accum, rank_rows(setup)
+    per_rank = rank_rows(setup)
     normalization = str(train_cfg.loss_normalization)
+    chunk_len = int(train_cfg.loss_chunk_len)
+    groups = depth_group_count(int(train_cfg.depth_groups), per_rank) if cfg.arch == "parcae" else 0
+    ranks = setup.global_micro_batch // per_rank
 
     def micro_loss(params, mb, weights, depths, h0, positions):
         model = nnx.merge(graphdef, params)
         if cfg.arch == "parcae":
             n, k = depths
-            logits, tel = model.forward_train(
-                mb["inputs"], n, k, max_grad_steps=k_max, initial_state=h0, positions=positions
+            x, tel = model.forward_train(
+                mb["inputs"], n, k, max_grad_steps=k_max, initial_state=h0, positions=positions,
+                depth_groups=max(groups, 1), row_shards=ranks if groups else 1, features=True,
             )
         else:
-            logits, tel = model.forward_train(mb["inputs"], positions=positions)
-        nll, lse = losses.token_losses(logits, mb["labels"])
+            x, tel = model.forward_train(mb["inputs"], positions=positions, features=True)
+        # The head and loss a sequence chunk at a time, recomputed in the backward pass.
+        nll, lse = losses.over_chunks(lambda xc, lc: losses.token_losses(model.head(xc), lc), chunk_len,
+                                      x, mb["labels"], remat=chunk_len > 0)
         objective = jnp.sum(nll * weights)
         if z_loss:
             objective = objective + z_loss * jnp.sum(jnp.square(lse) * weights)
@@ -205,25 +233,29 @@ def make_train_step(setup: TrainSetup, train_cfg):
         # Depths and h0 are functions of (step, global sequence index) (per device where the official
         # semantics are per rank), so every mesh and accumulation split of the same batch agrees.
         seq_index = jnp.arange(A * Bm).reshape(A, Bm)
+        positions = None
+        if cfg.randomize_positions_from is not None:
+            positions = jax.vmap(lambda a: random_positions(cfg, jax.random.fold_in(pos_key, a), Bm, per_rank,
+                                                            T))(jnp.arange(A))
         if cfg.arch == "parcae":
             depths = draw_depths(cfg, depth_key, step, A, Bm, per_rank, T)
         else:
             depths = (jnp.zeros((A,), jnp.int32), jnp.zeros((A,), jnp.int32))
+        rows = (batch, weights, depths, seq_index, positions)
+        if groups:  # every row moves with its depths, h0 (by its index), positions and loss weight
+            order = depth_order(*depths, A, Bm, ranks, groups)
+            rows = jax.tree.map(lambda x: x.reshape(A * Bm, *x.shape[2:])[order], rows)
 
         def body(carry, xs):
             grads, nll = carry
-            mb, w, (n, k), seqs, idx = xs
-            h0 = positions = None
-            if cfg.arch == "parcae":
-                h0 = row_states(state_key, cfg, seqs, T)
-            if cfg.randomize_positions_from is not None:
-                positions = random_positions(cfg, jax.random.fold_in(pos_key, idx), Bm, per_rank, T)
-            (_, (nll_mb, tel)), g = grad_fn(params, mb, w, (n, k), h0, positions)
+            mb, w, (n, k), seqs, pos = xs
+            h0 = row_states(state_key, cfg, seqs, T) if cfg.arch == "parcae" else None
+            (_, (nll_mb, tel)), g = grad_fn(params, mb, w, (n, k), h0, pos)
             grads = jax.tree.map(jnp.add, grads, g)
             return (grads, nll + nll_mb), tel
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        xs = (batch, weights, depths, seq_index, jnp.arange(accum))
+        xs = rows
         (grads, loss), tels = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), xs)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)

@@ -137,6 +137,9 @@ def check_run_config(run_cfg: ml_collections.ConfigDict) -> tuple[flops.Budget, 
     for name, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"{name}={value!r} is not one of {allowed}; set --config.{name}=...")
+    for name in ("loss_chunk_len", "depth_groups"):
+        if int(train_cfg[name]) < 0:
+            raise ConfigError(f"train.{name}={train_cfg[name]} is negative; use 0 to turn it off")
     try:
         ModelConfig.from_dict(run_cfg.model.to_dict())
         budget = flops.training_budget(run_cfg)

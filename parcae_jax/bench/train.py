@@ -2,6 +2,7 @@
 
     python -m parcae_jax.bench.train --config configs/parcae_140m.py [--config.a.b=v ...]
         [--batch 8] [--seq-len 1024] [--steps 10] [--warmup 2] [--gpt-baseline]
+        [--attention xla|cudnn] [--loss-chunk-len 512] [--depth-groups 8]
 
 Runs the real jitted train step (sharded over all local devices, AOT-compiled, donated state) on
 random tokens. `--batch` overrides the world batch (one micro-batch per step unless
@@ -11,7 +12,9 @@ a small machine. `--gpt-baseline` also benchmarks the GPT of the same size (conf
 FLOPs per token for MFU are the *hardware* FLOPs (`flops.hardware_flops_per_token`: causal attention
 halved, head matmul counted, remat recompute counted) at the expected recurrence split; the official
 budget formula is printed next to them. On CPU the peak is unknown and MFU is reported as n/a.
-This script is the only source of the performance figures in the README.
+For a looped model it also prints the recurrences executed per sequence against those sampled (the
+price of looping a group of sequences to its largest sampled depth; `--depth-groups` sorts and groups
+them). This script is the only source of the performance figures in the README.
 """
 
 from __future__ import annotations
@@ -51,12 +54,15 @@ def bench(run_cfg, *, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         state, metrics = compiled(state, batch, key)
     jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
+    times, executed, sampled = [], [], []
+    for _ in range(steps):  # the step counter advances, so every step draws fresh depths as training does
         t = time.perf_counter()
         state, metrics = compiled(state, batch, key)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
+        if "executed_recurrences" in metrics:
+            executed.append(float(metrics["executed_recurrences"]))
+            sampled.append(float(metrics["sampled_recurrences"]))
     step_s = float(np.median(times))
     tokens_per_step = int(run_cfg.train.world_batch_size) * cfg.block_size
     if cfg.arch == "parcae":
@@ -80,6 +86,8 @@ def bench(run_cfg, *, steps: int, warmup: int) -> dict:
         "peak_memory_gib": (_peak_memory_bytes() or 0) / 2**30 or None,
         "compiled_temp_gib": getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory else None,
         "loss": float(metrics["loss"]),
+        "executed_recurrences": float(np.mean(executed)) if executed else None,
+        "sampled_recurrences": float(np.mean(sampled)) if sampled else None,
     }
 
 
@@ -94,6 +102,10 @@ def _print(result: dict) -> None:
     print(f"   MFU         {mfu}  ({result['hardware_flops_per_token'] / 1e6:.1f} MFLOP/token hardware, "
           f"{result['official_flops_per_token'] / 1e6:.1f} official)")
     print(f"   memory      peak {mem}, compiled temporaries {temp} per device")
+    if result["executed_recurrences"] is not None:
+        ratio = result["executed_recurrences"] / result["sampled_recurrences"]
+        print(f"   recurrences executed {result['executed_recurrences']:.2f} / sampled "
+              f"{result['sampled_recurrences']:.2f} per sequence: executed/sampled recurrences {ratio:.2f}")
 
 
 def _gpt_path(config_path: str) -> str | None:
@@ -113,6 +125,13 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gpt-baseline", action="store_true")
+    parser.add_argument("--attention", default=None, help="model.attention_impl (xla, cudnn)")
+    parser.add_argument("--loss-chunk-len", type=int, default=None,
+                        help="train.loss_chunk_len: head + loss over sequence chunks of this many "
+                             "tokens (0: off)")
+    parser.add_argument("--depth-groups", type=int, default=None,
+                        help="train.depth_groups: sort sequences by depth, loop each group to its own bound "
+                             "(0: off)")
     args = parser.parse_args(rest)
     if config_path is None:
         parser.error("--config FILE is required")
@@ -121,6 +140,11 @@ def _main(argv: list[str] | None = None) -> int:
         extra += [f"train.world_batch_size={args.batch}", f"train.micro_batch_size={args.batch}"]
     if args.seq_len is not None:
         extra.append(f"model.block_size={args.seq_len}")
+    switches = (("model.attention_impl", args.attention), ("train.loss_chunk_len", args.loss_chunk_len),
+                ("train.depth_groups", args.depth_groups))
+    for key, value in switches:
+        if value is not None:
+            extra.append(f"{key}={value}")
     paths = [config_path] + ([_gpt_path(config_path)] if args.gpt_baseline and _gpt_path(config_path) else [])
     for path in paths:
         run_cfg = load_config(path, [*extra, *overrides])

@@ -32,8 +32,8 @@ class NoCacheSampler:
         apply, self.state = model_apply(model)
 
         def next_tokens(state, ids, lengths, depth, key, uids, sample_key, sampling):
-            logits = apply(state, ids, depth, key, uids)
-            last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            out = apply(state, ids, depth, key, uids)  # features: only the last positions need the head
+            last = out.head(jnp.take_along_axis(out.x, (lengths - 1)[:, None, None], axis=1))[:, 0]
             return sample_tokens(last[:, : self.vocab_size], sample_key, sampling)
 
         self.fn = jax.jit(next_tokens, static_argnames="sampling")

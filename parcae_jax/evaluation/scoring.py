@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from parcae_jax.model import row_states
 
 # A row to score: (inputs int[L], targets int[L]); target t is what position t should predict.
 Row = tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]
-# apply(params, ids [B, T], depth (traced int32), key, uids [B]) -> logits [B, T, V]
+# apply(params, ids [B, T], depth (traced int32), key, uids [B]) -> logits [B, T, V] or `Features`
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 BATCH_AXES = ("data", "fsdp")
 MIN_BUCKET = 32
@@ -48,16 +48,25 @@ def bucket_lengths(max_len: int, min_bucket: int = MIN_BUCKET) -> list[int]:
     return out + [max_len]
 
 
+class Features(NamedTuple):
+    """What a model's `apply` returns instead of logits: the head's input and the head, so the scorer
+    applies the head a sequence chunk at a time (`losses.over_chunks`)."""
+
+    x: jax.Array  # [B, T, D]
+    head: Callable[[jax.Array], jax.Array]
+
+
 def graph_apply(graphdef, cfg) -> ApplyFn:
-    """`apply` for a model split into `graphdef` + state. Parcae rows draw h0 by the one rule
-    (`model.row_states`: row uid u from `fold_in(key, u)`), so a token's noise depends only on
-    (key, uid, position)."""
+    """`apply` for a model split into `graphdef` + state; returns `Features`. Parcae rows draw h0 by
+    the one rule (`model.row_states`: row uid u from `fold_in(key, u)`), so a token's noise depends
+    only on (key, uid, position)."""
 
     def apply(state, ids, depth, key, uids):
         m = nnx.merge(graphdef, state)
         if cfg.arch != "parcae":
-            return m(ids)
-        return m(ids, num_steps=depth, initial_state=row_states(key, cfg, uids, ids.shape[1]))
+            return Features(m(ids, features=True), m.head)
+        h0 = row_states(key, cfg, uids, ids.shape[1])
+        return Features(m(ids, num_steps=depth, initial_state=h0, features=True), m.head)
 
     return apply
 
@@ -77,6 +86,10 @@ def _token_stats(logits, targets):
     """CE of each target (targets < 0 score 0) and the argmax prediction, per position: [B, T] each."""
     ce, _ = losses.token_losses(logits, targets)
     return ce, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+# Scoring applies the head over sequence chunks of at most this many tokens (as training does).
+HEAD_CHUNK_LEN = 512
 
 
 class TokenScorer:
@@ -99,7 +112,11 @@ class TokenScorer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
 
         def stats(state, ids, targets, depth, key, uids):
-            return _token_stats(apply(state, ids, depth, key, uids), targets)
+            out = apply(state, ids, depth, key, uids)
+            if isinstance(out, Features):
+                return losses.over_chunks(lambda x, t: _token_stats(out.head(x), t), HEAD_CHUNK_LEN, out.x,
+                                          targets)
+            return _token_stats(out, targets)
 
         self.stats_fn = jax.jit(stats, out_shardings=(replicated, replicated))
         self.rows_scored = 0  # real rows (not padding) sent to the device, for the exactly-once checks
