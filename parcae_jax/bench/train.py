@@ -2,7 +2,7 @@
 
     python -m parcae_jax.bench.train --config configs/parcae_140m.py [--config.a.b=v ...]
         [--batch 8] [--seq-len 1024] [--steps 10] [--warmup 2] [--gpt-baseline]
-        [--attention xla|cudnn] [--loss-chunk-len 512] [--depth-groups 8]
+        [--attention xla|cudnn] [--loss-chunk-len 512] [--depth-groups 8] [--compile-only]
 
 Runs the real jitted train step (sharded over all local devices, AOT-compiled, donated state) on
 random tokens. `--batch` overrides the world batch (one micro-batch per step unless
@@ -38,7 +38,7 @@ def _peak_memory_bytes() -> int | None:
     return max(s.get("peak_bytes_in_use", 0) for s in stats)
 
 
-def bench(run_cfg, *, steps: int, warmup: int) -> dict:
+def bench(run_cfg, *, steps: int, warmup: int, compile_only: bool = False) -> dict:
     mesh = sharding.make_mesh(run_cfg.mesh.data, run_cfg.mesh.fsdp, run_cfg.mesh.tensor)
     setup, state = train_step.create_train_state(run_cfg, mesh, max_steps=max(steps + warmup, 2))
     cfg = setup.model_cfg
@@ -46,6 +46,12 @@ def bench(run_cfg, *, steps: int, warmup: int) -> dict:
     t0 = time.perf_counter()
     compiled, memory = train_step.compile_train_step(step_fn, state, setup, cfg.block_size)
     compile_s = time.perf_counter() - t0
+    if compile_only:
+        print(f"== {cfg.name or cfg.arch}: batch {run_cfg.train.world_batch_size} x {cfg.block_size} "
+              f"(accum {setup.accum}), compile {compile_s:.1f} s, compiled temporaries "
+              f"{getattr(memory, 'temp_size_in_bytes', 0) / 2**30:.2f} GiB, arguments "
+              f"{getattr(memory, 'argument_size_in_bytes', 0) / 2**30:.2f} GiB per device")
+        return {}
     rng = np.random.default_rng(0)
     shape = (setup.accum, setup.global_micro_batch, cfg.block_size + 1)
     tokens = rng.integers(0, cfg.vocab_size, size=shape, dtype=np.int32)
@@ -125,6 +131,8 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gpt-baseline", action="store_true")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the train step and print its memory analysis, run nothing")
     parser.add_argument("--attention", default=None, help="model.attention_impl (xla, cudnn)")
     parser.add_argument("--loss-chunk-len", type=int, default=None,
                         help="train.loss_chunk_len: head + loss over sequence chunks of this many "
@@ -148,7 +156,9 @@ def _main(argv: list[str] | None = None) -> int:
     paths = [config_path] + ([_gpt_path(config_path)] if args.gpt_baseline and _gpt_path(config_path) else [])
     for path in paths:
         run_cfg = load_config(path, [*extra, *overrides])
-        _print(bench(run_cfg, steps=args.steps, warmup=args.warmup))
+        result = bench(run_cfg, steps=args.steps, warmup=args.warmup, compile_only=args.compile_only)
+        if result:
+            _print(result)
     return 0
 
 
