@@ -90,8 +90,8 @@ def base(model_fields: Mapping[str, Any]) -> ml_collections.ConfigDict:
     # micro-batches and devices) or 'global' (one mean over every real token of the step).
     cfg.train.loss_normalization = "micro_batch"
     cfg.train.z_loss = 0.0
-    # The LM head and loss run over sequence chunks of at most this many tokens under remat, so the
-    # fp32 [B, T, V] logits never exist at once (0: one chunk). Same loss and gradients.
+    # The LM head and loss run over sequence chunks of at most this many tokens under remat, so at most
+    # B x loss_chunk_len x V fp32 logits exist at once (0: one chunk). Same loss and gradients.
     cfg.train.loss_chunk_len = 512
     # Sort each step's sequences by their sampled depth and split every device micro-batch into up to
     # this many groups, each running its gradient-free recurrences only to its own largest depth

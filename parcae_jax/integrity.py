@@ -19,12 +19,17 @@ MANIFEST = "integrity.json"
 _CHUNK = 1 << 22
 
 
+def crc32_hex(data: bytes, crc: int = 0) -> str:
+    """CRC-32 of `data` (continuing `crc`) as 8 hex digits: the checksum every manifest records."""
+    return f"{zlib.crc32(data, crc):08x}"
+
+
 def crc32_of(path: epath.Path) -> str:
     crc = 0
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
+    return crc32_hex(b"", crc)
 
 
 def _files(folder: epath.Path) -> list[epath.Path]:

@@ -43,7 +43,8 @@ def rel_residual(h_new: Float[Array, "... D"], h_old: Float[Array, "... D"]) -> 
     return diff / (jnp.linalg.norm(h_new, axis=-1) + 1e-12)
 
 
-def _per_element(x, lead: tuple[int, ...]) -> Int[Array, " ..."]:
+def per_element(x, lead: tuple[int, ...]) -> Int[Array, " ..."]:
+    """A count of shape (), [B] or [B, T] as int32, broadcastable against the leading axes `lead`."""
     x = jnp.asarray(x, jnp.int32)
     return x.reshape(x.shape + (1,) * (len(lead) - x.ndim))  # () / [B] broadcast against [B, T]
 
@@ -59,7 +60,7 @@ def recur(
 ) -> Recurred:
     """Run `step` (see the module docstring) from state `h`; returns a `Recurred`."""
     lead = h.shape[:-1]
-    count = _per_element(count, lead)
+    count = per_element(count, lead)
     differentiable = isinstance(bound, int)
 
     def one(r, state):

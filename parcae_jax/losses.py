@@ -55,13 +55,14 @@ def over_chunks(fn: Callable, chunk_len: int, x: Float[Array, "B T D"], labels: 
 
     Why by hand: no library (optax included) fuses the LM head with its loss. `fn` applies the head,
     so the fp32 logits of only one chunk [B, Tc, V] exist at a time; with `remat` each chunk runs under
-    `jax.checkpoint`, so the backward recomputes a chunk's logits instead of keeping them all."""
+    `jax.checkpoint`, so the backward recomputes a chunk's logits instead of keeping them all. A sequence
+    that fits one chunk runs as it is: its logits are within the bound, so recomputing them buys nothing."""
     B, T = labels.shape
     chunks = chunk_count(T, chunk_len)
-    if remat:
-        fn = jax.checkpoint(fn)
     if chunks == 1:
         return fn(x, labels)
+    if remat:
+        fn = jax.checkpoint(fn)
     xs = x.reshape(B, chunks, T // chunks, x.shape[-1]).swapaxes(0, 1)
     ls = labels.reshape(B, chunks, T // chunks).swapaxes(0, 1)
     outs = jax.lax.map(lambda a: fn(*a), (xs, ls))

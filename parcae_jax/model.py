@@ -19,7 +19,7 @@ from parcae_jax import init as inits
 from parcae_jax.config import ModelConfig
 from parcae_jax.injection import make_injection
 from parcae_jax.layers import Block, Embed, Linear, Norm, rope_table
-from parcae_jax.loop import recur, rel_residual
+from parcae_jax.loop import per_element, recur, rel_residual
 
 
 def init_state(key: jax.Array, cfg: ModelConfig, shape: tuple[int, ...]) -> Float[Array, "B T Dr"]:
@@ -52,11 +52,6 @@ def row_states(key: jax.Array, cfg: ModelConfig, rows: Int[Array, " B"], length:
     (key, r, p), not on `length`, so a prefix of a row gets the states of the whole row's prefix.
     """
     return jax.vmap(lambda r: init_state(jax.random.fold_in(key, r), cfg, (length, cfg.d_rec)))(rows)
-
-
-def _per_row(x: Array, ndim: int) -> Array:
-    """A depth of shape (), [B] or [B, T] made broadcastable against [B, T]."""
-    return x.reshape(x.shape + (1,) * (ndim - x.ndim)) if x.ndim else x
 
 
 def _remat_policy(impl: str):
@@ -230,10 +225,12 @@ class Parcae(_LM):
         """The one recurrence step, for every caller: returns `(step, args)` with
         `step(args, h, layer_kv=None) -> h'` pure (injection, then every core block).
 
-        `args` holds the injection and core weights (split once, so loops close over them instead of
-        copying them per step), the loop-invariant half of the injection and the core's value
-        embeddings; the gradient-free prefix passes them stop-gradient'ed. `layer_kv(j)` gives core
-        layer j its cache slot at this step (decoding). Under training, per-block remat applies.
+        `args = (weights, rows)`: `weights` the injection and core weights (split once, so loops close
+        over them instead of copying them per step); `rows` what is per row [B, ...] (the loop-invariant
+        half of the injection, the core's value embeddings, RoPE), so a caller may run the step on a
+        subset of rows by slicing `rows` alone (`forward_train`'s depth groups). The gradient-free
+        prefix passes them stop-gradient'ed. `layer_kv(j)` gives core layer j its cache slot at this
+        step (decoding). Under training, per-block remat applies.
         """
         cfg = self.config
         graph_a, state_a = nnx.split(self.adapter)
@@ -244,7 +241,7 @@ class Parcae(_LM):
         policy = _remat_policy(cfg.activation_checkpoint_impl)
 
         def step(args, h, layer_kv=None):
-            state_a, state_c, e_term, ves = args
+            (state_a, state_c), (e_term, ves, rope) = args
             adapter, core = nnx.merge(graph_a, state_a), nnx.merge(graph_c, state_c)
             x = adapter(h, e_term)
             for j, (blk, ve) in enumerate(zip(core, ves, strict=True)):
@@ -256,7 +253,7 @@ class Parcae(_LM):
                     x = blk(x, ve, *rope, kv=kv)
             return x
 
-        return step, (state_a, state_c, e_term, ves)
+        return step, ((state_a, state_c), (e_term, ves, tuple(rope)))
 
     # ---- evaluation forward -------------------------------------------------------------------
     def __call__(
@@ -319,7 +316,7 @@ class Parcae(_LM):
         rope = self.rope(ids, positions)
         e = self.prelude_forward(ids, rope)
         h0 = jax.lax.stop_gradient(self.initial_state(ids, rng, initial_state))
-        n = jnp.broadcast_to(_per_row(jnp.asarray(n_steps, jnp.int32), ids.ndim), ids.shape)
+        n = jnp.broadcast_to(per_element(n_steps, ids.shape), ids.shape)
         k = jnp.asarray(k_steps, jnp.int32)
         if ids.shape[0] % (depth_groups * row_shards):
             raise ValueError(f"depth_groups {depth_groups} x row_shards {row_shards} does not divide the "
@@ -329,21 +326,21 @@ class Parcae(_LM):
             x = x.reshape(row_shards, depth_groups, -1, *x.shape[1:])[:, g]
             return x.reshape(-1, *x.shape[2:])
 
+        step, args = self.recurrence(ids, e, rope, training=True)
         # Gradient-free prefix, group by group: every input is stop-gradient'ed so autodiff never sees
-        # the while loops.
+        # the while loops; a group's step reads its slice of the per-row arguments.
+        frozen_weights, frozen_rows = _stop_gradient_tree(args)
         prefix, group_max = [], []
         for g in range(depth_groups):
-            step_g, args_g = self.recurrence(group(ids, g), group(e, g), tuple(group(r, g) for r in rope),
-                                             training=True)
-            frozen, n_g = _stop_gradient_tree(args_g), group(n, g)
+            args_g = (frozen_weights, jax.tree.map(lambda x, g=g: group(x, g), frozen_rows))
+            n_g = group(n, g)
             group_max.append(jnp.max(n_g))
-            run = recur(lambda r, h, c, run, s=step_g, a=frozen: (s(a, h), c, None),
+            run = recur(lambda r, h, c, run, a=args_g: (step(a, h), c, None),
                         group(h0, g), count=n_g, bound=group_max[-1])
             prefix.append(run.h.reshape(row_shards, -1, *run.h.shape[1:]))
         h = jnp.stack(prefix, axis=1).reshape(h0.shape)  # back to the rows' order
         h = jax.lax.stop_gradient(h)
 
-        step, args = self.recurrence(ids, e, rope, training=True)
         grad_step = step
         if cfg.remat and "per-iteration" in cfg.activation_checkpoint_impl:
             grad_step = jax.checkpoint(step, policy=_remat_policy(cfg.activation_checkpoint_impl))
@@ -354,8 +351,7 @@ class Parcae(_LM):
         # Recurrences per sequence: sampled (n + k as drawn) and executed (its group's prefix bound
         # plus the gradient steps the masked scan ran).
         grad_trips = jnp.minimum(jnp.max(k), int(max_grad_steps)).astype(jnp.float32)
-        tel["sampled_recurrences"] = jnp.mean((n + jnp.broadcast_to(_per_row(k, ids.ndim), ids.shape))
-                                              .astype(jnp.float32))
+        tel["sampled_recurrences"] = jnp.mean((n + per_element(k, ids.shape)).astype(jnp.float32))
         tel["executed_recurrences"] = jnp.mean(jnp.stack(group_max).astype(jnp.float32)) + grad_trips
         return (x if features else self.head(x)), tel
 

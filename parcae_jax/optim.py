@@ -222,7 +222,7 @@ def muon(
 
     def update(updates, state, params=None):
         if params is None:
-            raise ConfigError(
+            raise ValueError(  # a caller's bug, not a user input: keeps its traceback
                 "muon needs `params` (cautious weight decay): call tx.update(grads, state, params)"
             )
         grads, treedef = jax.tree.flatten(updates)

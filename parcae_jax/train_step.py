@@ -255,8 +255,7 @@ def make_train_step(setup: TrainSetup, train_cfg):
             return (grads, nll + nll_mb), tel
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        xs = rows
-        (grads, loss), tels = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), xs)
+        (grads, loss), tels = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), rows)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

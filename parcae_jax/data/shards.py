@@ -22,13 +22,12 @@ other state (an interrupted write, a truncated copy) raises `ShardError` naming 
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from parcae_jax import fileio
+from parcae_jax import fileio, integrity
 from parcae_jax.errors import UserError
 
 FORMAT = "parcae-jax-token-shards-v1"
@@ -95,13 +94,10 @@ def write_shard(
     fileio.write_bytes_atomic(tokens_path, token_bytes)
     fileio.write_bytes_atomic(docs_path, doc_bytes)
     record = {"tokens": int(offsets[-1]), "documents": len(documents), "dtype": dtype.name,
-              "crc32": {"tokens": _crc32(token_bytes), "docs": _crc32(doc_bytes)}, **(extra or {})}
+              "crc32": {"tokens": integrity.crc32_hex(token_bytes), "docs": integrity.crc32_hex(doc_bytes)},
+              **(extra or {})}
     fileio.write_json_atomic(record_path, record, sort_keys=True)  # last: marks the shard complete
     return record
-
-
-def _crc32(data: bytes) -> str:
-    return f"{zlib.crc32(data):08x}"
 
 
 def shard_is_complete(dataset_dir: str, split: str, index: int) -> bool:
@@ -118,7 +114,7 @@ def shard_problem(dataset_dir: str, split: str, index: int, *, checksums: bool =
         record = fileio.read_json(shard_paths(dataset_dir, split, index)[2])
         for name, path in (("tokens", reader.tokens_path), ("docs", reader.docs_path)):
             expected = record.get("crc32", {}).get(name)
-            if expected is not None and _crc32(fileio.read_bytes(path)) != expected:
+            if expected is not None and integrity.crc32_hex(fileio.read_bytes(path)) != expected:
                 return f"{path}: bytes changed since it was written (checksum mismatch)"
     return None
 
