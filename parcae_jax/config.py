@@ -28,6 +28,13 @@ INJECTION_TYPES = ("diagonal", "linear", "add")
 STATE_INITS = ("normal", "embed", "like-init", "zero", "unit")
 NORM_CLASSES = ("RMSNorm", "LayerNorm")
 MLP_CLASSES = ("BaseMLP", "GatedMLP")
+# `attention_impl` values (parcae_jax/attention.py runs them). What can be checked without knowing the
+# platform is checked here: splash tiles T in multiples of 128 (the TPU lane width); cuDNN flash
+# attention takes half-precision inputs and head dims that are multiples of 8, at most 256 (Hopper).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+SPLASH_BLOCK_MULTIPLE = 128
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 256
 # Official depth-sampling vocabulary (spec §5.2-5.4): a scheme names one of these (substring test, in
 # this order), optionally followed by `-curriculum-L` / `-curriculum-sqrt-L`.
 SAMPLING_SCHEMES = (
@@ -145,7 +152,7 @@ class ModelConfig:
     compute_dtype: str = _jax("bfloat16")  # matmul/activation dtype; params stay in param_dtype
     param_dtype: str = _jax("float32")
     remat: bool = _jax(False)  # activation checkpointing, with the policy `activation_checkpoint_impl`
-    attention_impl: str | None = _jax(None)  # jax.nn.dot_product_attention: None, "xla", "cudnn"
+    attention_impl: str = _jax("auto")  # auto | xla | cudnn | splash (parcae_jax/attention.py)
 
     def __post_init__(self):
         if type(self) is ModelConfig:
@@ -153,6 +160,8 @@ class ModelConfig:
         # A partial `rope_settings` keeps the official defaults for the keys it omits.
         object.__setattr__(self, "rope_settings", FrozenDict({**DEFAULT_ROPE_SETTINGS, **self.rope_settings}))
         object.__setattr__(self, "hf_config", FrozenDict(self.hf_config))
+        if self.attention_impl is None:  # the spelling of `auto` in configs written before it existed
+            object.__setattr__(self, "attention_impl", "auto")
         self.validate()
 
     # ---- construction and serialisation -----------------------------------------------------------
@@ -227,10 +236,28 @@ class ModelConfig:
               f"use_fused_head {self.use_fused_head!r} is not one of {FUSED_HEADS}")
         check(self.compute_dtype in ("float32", "bfloat16", "float16"),
               f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16")
+        self._validate_attention()
         if self.randomize_positions_from is not None:
             check(self.randomize_positions_from >= self.block_size,
                   f"randomize_positions_from {self.randomize_positions_from} is smaller than block_size "
                   f"{self.block_size}; it must be at least block_size")
+
+    def _validate_attention(self) -> None:
+        """The platform-independent limits of `attention_impl` (the platform is checked at trace time)."""
+        check, impl = self._check, self.attention_impl
+        check(impl in ATTENTION_IMPLS, f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
+        other = "attention_impl='auto' (or 'xla')"
+        if impl == "splash":
+            check(self.block_size % SPLASH_BLOCK_MULTIPLE == 0,
+                  f"attention_impl 'splash' needs block_size a multiple of {SPLASH_BLOCK_MULTIPLE}, got "
+                  f"{self.block_size}; change block_size or set {other}")
+        if impl == "cudnn":
+            check(self.compute_dtype in CUDNN_DTYPES,
+                  f"attention_impl 'cudnn' needs compute_dtype bfloat16 or float16, got "
+                  f"{self.compute_dtype!r}; set compute_dtype='bfloat16' or {other}")
+            check(self.head_size % 8 == 0 and self.head_size <= CUDNN_MAX_HEAD_DIM,
+                  f"attention_impl 'cudnn' needs a head dim that is a multiple of 8 and at most "
+                  f"{CUDNN_MAX_HEAD_DIM}, got {self.head_size}; set {other}")
 
     # ---- derived values (spec §3) -----------------------------------------------------------------
     @property
@@ -326,6 +353,16 @@ class ParcaeConfig(ModelConfig):
               f"state_init {self.state_init!r} is not one of {STATE_INITS}")
         check(self.rec_head_size == self.head_size,
               f"core head dim {self.rec_head_size} must equal the main head dim {self.head_size}")
+        # The core has no GQA (its kv heads are its heads) but reads the main config's value-embedding
+        # tables, sized n_kv_heads x head dim: the official code needs the two widths equal (spec §3.2).
+        ve_core = [t for t, layer in zip(self.ve_tables()["core_block"], self.layer_ids()["core_block"],
+                                         strict=True) if self.has_ve_table(t) and self.has_ve_gate(layer)]
+        kv_width = self.n_kv_heads * self.head_size
+        check(not ve_core or self.rec_heads * self.rec_head_size == kv_width,
+              f"value embeddings reach core layers {ve_core}, whose kv width "
+              f"{self.rec_heads * self.rec_head_size} (recurrent heads x head dim) differs from the value "
+              f"embeddings' {kv_width} (num_key_value_heads x head dim); use num_key_value_heads = "
+              f"{self.rec_heads}, or set recurrent_num_attention_heads so the widths match")
         if self.injection_type == "add":
             check(self.d_rec == self.n_embd,
                   f"injection_type='add' needs recurrent_embedding_dimension {self.d_rec} == n_embd "

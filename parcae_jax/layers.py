@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from parcae_jax import attention
 from parcae_jax import init as inits
 from parcae_jax.config import VE_GATE_CHANNELS, ModelConfig
 
@@ -176,10 +177,10 @@ class Attention(nnx.Module):
         x = x.astype(self.compute_dtype)
         q, k, v = self.qkv(x, ve, cos, sin)
         if kv is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
+            y = attention.attend(q, k, v, self.attention_impl)
         else:
             keys, values, mask = kv(k, v)
-            y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
+            y = attention.attend(q, keys, values, self.attention_impl, mask=mask[:, None])
         return self.c_proj(y.reshape(B, T, self.heads * self.head_dim))
 
 

@@ -19,6 +19,7 @@ from parcae_jax.config import (
     read_folder_config,
     write_folder_config,
 )
+from parcae_jax.errors import ConfigError
 
 REFERENCE = pathlib.Path(__file__).parent / "fixtures" / "reference"
 FOLDERS = sorted(p.parent for p in REFERENCE.glob("*/config.json"))
@@ -79,3 +80,12 @@ def test_hashable_and_equal():
     assert type(c.to_dict()["rope_settings"]) is dict and type(c.to_dict()["hf_config"]) is dict
     assert ModelConfig.from_dict(c.to_dict()) == c
     assert isinstance(ml_collections.ConfigDict(c.to_dict()).rope_settings, ml_collections.ConfigDict)
+
+
+def test_value_embeddings_in_the_core_need_matching_kv_widths():
+    """The core has no GQA but reads the main value-embedding tables: a GQA main config whose core
+    layers get value embeddings is refused (the official code cannot build it either)."""
+    from helpers import tiny_parcae
+
+    with pytest.raises(ConfigError, match="value embeddings reach core layers"):
+        tiny_parcae(num_attention_heads=4, num_key_value_heads=2)

@@ -2,7 +2,7 @@
 
     python -m parcae_jax.bench.train --config configs/parcae_140m.py [--config.a.b=v ...]
         [--batch 8] [--seq-len 1024] [--steps 10] [--warmup 2] [--gpt-baseline]
-        [--attention xla|cudnn] [--loss-chunk-len 512] [--depth-groups 8] [--compile-only]
+        [--attention auto|xla|cudnn|splash] [--loss-chunk-len 512] [--depth-groups 8] [--compile-only]
 
 Runs the real jitted train step (sharded over all local devices, AOT-compiled, donated state) on
 random tokens. `--batch` overrides the world batch (one micro-batch per step unless
@@ -29,6 +29,7 @@ import numpy as np
 
 from parcae_jax import errors, flops, sharding, train_step
 from parcae_jax.cli_config import load_config, split_config_args
+from parcae_jax.config import ATTENTION_IMPLS
 
 
 def _peak_memory_bytes() -> int | None:
@@ -133,7 +134,9 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpt-baseline", action="store_true")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile the train step and print its memory analysis, run nothing")
-    parser.add_argument("--attention", default=None, help="model.attention_impl (xla, cudnn)")
+    parser.add_argument("--attention", default=None, choices=ATTENTION_IMPLS,
+                        help="model.attention_impl: auto (splash on TPU, cudnn on GPU, else xla), xla (the "
+                             "parity path), cudnn (GPU flash attention, bf16), splash (TPU Pallas kernel)")
     parser.add_argument("--loss-chunk-len", type=int, default=None,
                         help="train.loss_chunk_len: head + loss over sequence chunks of this many "
                              "tokens (0: off)")

@@ -11,6 +11,10 @@ run needs. A point whose workdir already has its final checkpoint skips training
   the run's own validation set unless the sweep spec gives `batches`;
 * both go into `result.json`, which marks the point done.
 
+`--launcher inprocess` trains and evaluates in the runner's own process instead: one JAX runtime for
+every point, so no per-point start-up, and programs of the same shape compile once (notebooks, and
+many short runs on one CPU); a crash of a point is then a crash of the runner.
+
 `--launcher pod` runs training through the TPU pod launcher of the repository checkout
 (`bash tpu_setup/launch.sh`, given `--launcher-args "--name SLICE --zone ZONE"` and the training
 arguments); the launcher returns once training runs on the workers, so the runner then polls the
@@ -38,7 +42,7 @@ from parcae_jax.evaluation import config as eval_config
 from parcae_jax.scaling import state
 from parcae_jax.scaling.sweep import REPO, Point, read_plan
 
-LAUNCHERS = ("local", "pod")
+LAUNCHERS = ("local", "pod", "inprocess")
 POD_LAUNCHER = "tpu_setup/launch.sh"
 DEPTH_SWEEP_FILE = "depth_sweep.json"
 LOG_FILE = "train.log"
@@ -48,6 +52,31 @@ class PointFailed(RuntimeError):
     def __init__(self, stage: str, returncode: int, log_path: pathlib.Path):
         super().__init__(f"{stage} failed with exit code {returncode}; see {log_path}")
         self.stage, self.returncode, self.log_path = stage, returncode, log_path
+
+
+def _train_in_process(point: Point, log_path: pathlib.Path) -> None:
+    from parcae_jax import trainer
+    from parcae_jax.cli_config import load_config
+
+    try:
+        trainer.train(load_config(str(REPO / point.base_config), list(point.overrides)), point.workdir)
+    except trainer.TrainingStopped as e:  # e.g. a non-finite loss: the point failed, the sweep goes on
+        with open(log_path, "a") as log:
+            log.write(f"training stopped: {e}\n")
+        raise PointFailed("train", 1, log_path) from e
+
+
+def _depth_sweep_in_process(point: Point, output: str) -> None:
+    import warnings
+
+    from parcae_jax.cli_config import load_config
+    from parcae_jax.evaluation import runner as eval_runner
+
+    argv = depth_sweep_command(point, output)[5:]  # the `--config.a=b` overrides after the config spec
+    overrides = [a.removeprefix("--config.") for a in argv]
+    with warnings.catch_warnings():  # as eval.py: restoring onto this process's devices is intended
+        warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
+        eval_runner.run(load_config(f"{eval_config.__file__}:depth_sweep", overrides), log=lambda *a, **k: None)
 
 
 def train_command(
@@ -114,6 +143,8 @@ def build_result(point: Point, last_row: dict, sweep: dict | None) -> dict:
         )
     val = {k[len("val_loss_") :]: v for k, v in last_row.items() if k.startswith("val_loss_")}
     r = point.mean_recurrence
+    if not val and "val_loss" in last_row:  # a GPT: one validation loss, at its single pass
+        val = {str(r): last_row["val_loss"]}
     if str(r) not in val:
         raise ValueError(f"{point.workdir}: the final metrics row has no val_loss_{r} (keys {sorted(val)})")
     return {
@@ -168,7 +199,10 @@ def run_point(
     t0 = time.perf_counter()
     if point.steps not in state.checkpoint_steps(point.workdir):
         say(f"{point.name}: training {point.steps} steps ({point.trained_tokens:,} tokens), log {log_path}")
-        _run_logged(train_command(point, launcher, launcher_args), log_path, folder, "train")
+        if launcher == "inprocess":
+            _train_in_process(point, log_path)
+        else:
+            _run_logged(train_command(point, launcher, launcher_args), log_path, folder, "train")
         if launcher == "pod":
             wait_for_final_checkpoint(point, poll_seconds, say)
         if point.steps not in state.checkpoint_steps(point.workdir):
@@ -180,7 +214,10 @@ def run_point(
         output = folder / DEPTH_SWEEP_FILE
         say(f"{point.name}: depth sweep at {list(point.test_depths)}")
         t1 = time.perf_counter()
-        _run_logged(depth_sweep_command(point, str(output)), log_path, folder, "depth_sweep")
+        if launcher == "inprocess":
+            _depth_sweep_in_process(point, str(output))
+        else:
+            _run_logged(depth_sweep_command(point, str(output)), log_path, folder, "depth_sweep")
         sweep = read_depth_sweep(output) | {"seconds": time.perf_counter() - t1}
     result = build_result(point, last_row, sweep)
     result["wall_s"] = {"train": train_s, "total": time.perf_counter() - t0}

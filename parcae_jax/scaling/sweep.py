@@ -69,7 +69,7 @@ class Point:
     name: str
     mean_recurrence: int
     mean_backprop_depth: int
-    flop_budget: float
+    flop_budget: float | None  # the isoFLOP budget it belongs to (None: a run outside a sweep)
     base_config: str
     overrides: tuple[str, ...]  # `a.b=value`, in the order they are passed to training
     workdir: str
@@ -144,54 +144,65 @@ def point_overrides(base_run_cfg, sweep, mean_recurrence: int, budget: float) ->
     return out + list(sweep.get("overrides", ()))
 
 
-def plan_points(sweep, root: str | os.PathLike, workdir_root: str | None = None) -> list[Point]:
-    """All points of a sweep, budget-major (cheap budgets first), recurrences ascending.
+def make_point(
+    name: str,
+    base: str,
+    overrides: list[str],
+    root: str | os.PathLike,
+    *,
+    workdir_root: str | None = None,
+    flop_budget: float | None = None,
+    test_depths: tuple[int, ...] = (),
+    depth_sweep_batches: int | None = None,
+    depth_sweep_batch_size: int = 8,
+) -> Point:
+    """One run of `base` (a config spec, relative to the repository or absolute) with `overrides`: its
+    token/step budget, FLOPs and parameter counts come from the run config itself.
 
-    `workdir_root` puts the training workdirs elsewhere (e.g. `gs://bucket/sweep` for a TPU pod);
-    by default each point's folder under `root` is its workdir.
-    """
-    base = sweep.base_config
-    base_spec = _absolute_spec(base)
-    base_run_cfg = load_config(base_spec)
+    `workdir_root` puts the training workdir elsewhere (e.g. `gs://bucket/sweep` for a TPU pod); by
+    default the point's folder under `root` is its workdir."""
+    run_cfg = load_config(_absolute_spec(base), overrides)
+    b = flops.training_budget(run_cfg)
+    p = flops.param_counts(run_cfg)
     root = os.path.abspath(os.fspath(root))
+    workdir = os.path.join(root, name) if workdir_root is None else f"{workdir_root.rstrip('/')}/{name}"
+    return Point(
+        name=name,
+        # a GPT has no loop: one pass, counted as recurrence 1 (its validation loss has no depth suffix)
+        mean_recurrence=int(run_cfg.model.get("mean_recurrence") or 1),
+        mean_backprop_depth=int(run_cfg.model.get("mean_backprop_depth") or 1),
+        flop_budget=flop_budget,
+        base_config=base,
+        overrides=tuple(overrides),
+        workdir=workdir,
+        tokens=b.tokens,
+        steps=b.steps,
+        trained_tokens=b.trained_tokens,
+        tokens_per_step=b.tokens_per_step,
+        flops_per_token=b.flops_per_token,
+        hardware_flops_per_token=flops.hardware_flops_per_token(run_cfg),
+        total_flops=b.total_flops,
+        params={"embedding": p.embedding, "core": p.core, "non_core": p.non_core, "total": p.total},
+        test_depths=tuple(test_depths),
+        depth_sweep_batches=depth_sweep_batches,
+        depth_sweep_batch_size=int(depth_sweep_batch_size),
+    )
+
+
+def plan_points(sweep, root: str | os.PathLike, workdir_root: str | None = None) -> list[Point]:
+    """All points of a sweep, budget-major (cheap budgets first), recurrences ascending."""
+    base_run_cfg = load_config(_absolute_spec(sweep.base_config))
     points = []
     for budget in sorted(float(b) for b in sweep.flop_budgets):
         for r in sorted(int(x) for x in sweep.mean_recurrences):
-            name = point_name(r, budget)
             overrides = point_overrides(base_run_cfg, sweep, r, budget)
-            run_cfg = load_config(base_spec, overrides)
-            b = flops.training_budget(run_cfg)
-            p = flops.param_counts(run_cfg)
-            workdir = (
-                os.path.join(root, name) if workdir_root is None else f"{workdir_root.rstrip('/')}/{name}"
-            )
-            points.append(
-                Point(
-                    name=name,
-                    mean_recurrence=r,
-                    mean_backprop_depth=int(run_cfg.model.mean_backprop_depth),
-                    flop_budget=budget,
-                    base_config=base,
-                    overrides=tuple(overrides),
-                    workdir=workdir,
-                    tokens=b.tokens,
-                    steps=b.steps,
-                    trained_tokens=b.trained_tokens,
-                    tokens_per_step=b.tokens_per_step,
-                    flops_per_token=b.flops_per_token,
-                    hardware_flops_per_token=flops.hardware_flops_per_token(run_cfg),
-                    total_flops=b.total_flops,
-                    params={
-                        "embedding": p.embedding,
-                        "core": p.core,
-                        "non_core": p.non_core,
-                        "total": p.total,
-                    },
-                    test_depths=tuple(sweep_depths(sweep.depth_sweep, r)),
-                    depth_sweep_batches=sweep.depth_sweep.batches,
-                    depth_sweep_batch_size=int(sweep.depth_sweep.batch_size),
-                )
-            )
+            points.append(make_point(
+                point_name(r, budget), sweep.base_config, overrides, root,
+                workdir_root=workdir_root, flop_budget=budget,
+                test_depths=tuple(sweep_depths(sweep.depth_sweep, r)),
+                depth_sweep_batches=sweep.depth_sweep.batches,
+                depth_sweep_batch_size=sweep.depth_sweep.batch_size,
+            ))  # fmt: skip
     return points
 
 
