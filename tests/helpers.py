@@ -161,3 +161,17 @@ def run_cli(main, argv: list[str], monkeypatch) -> int | str | None:
     except SystemExit as e:
         return e.code
     raise AssertionError(f"{argv[0]} returned without exiting")
+
+
+def hf_tokenizer(folder):
+    """A 300-piece byte-level BPE `tokenizer.json` in `folder` (fits a model of vocabulary >= 300)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "abc def ghi"] * 20, trainer)
+    tok.save(str(pathlib.Path(folder) / "tokenizer.json"))
+    return str(folder)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_parcae
+from helpers import hf_tokenizer, tiny_parcae
 
 from parcae_jax import sharding
 from parcae_jax.evaluation import core, lambada, lm_loss
@@ -308,25 +308,13 @@ def test_no_cache_greedy_sampling_follows_the_argmax(tiny_model, tiny_scorer):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _hf_tokenizer(folder: pathlib.Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the cat sat on the mat", "abc def ghi"] * 20, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-
-
 def test_eval_runner_writes_the_results_document(tiny_model, tmp_path):
     from parcae_jax.cli_config import load_config
     from parcae_jax.evaluation import runner
     from parcae_jax.pretrained import save_pretrained
 
     folder = save_pretrained(tiny_model, tmp_path / "model")
-    _hf_tokenizer(folder)
+    hf_tokenizer(folder)
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"the cat sat on mat {i} abc"}) + "\n" for i in range(5)))
     output = tmp_path / "out" / "eval.json"

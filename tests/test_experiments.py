@@ -3,20 +3,35 @@ results.json and PNGs, resumption, and the measurements' definitions. Not the sc
 
 import json
 import math
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import write_token_dataset
+from helpers import hf_tokenizer, write_token_dataset
 
 from parcae_jax.experiments import CLAIMS, stability, test_time_depth
 from parcae_jax.experiments.__main__ import main, run_claim
 from parcae_jax.injection import spectral_radius
 
+BUNDLE = pathlib.Path(__file__).parent / "fixtures" / "eval_bundle_tiny"
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_token_dataset(tmp_path_factory.mktemp("data") / "d", vocab_size=256)
+    """Synthetic tokens of vocabulary 320 whose metadata names a real (300-piece) tokenizer, so the
+    models can be scored on an eval bundle."""
+    base = tmp_path_factory.mktemp("data")
+    path = write_token_dataset(base / "d", vocab_size=320)
+    (base / "tok").mkdir()
+    meta_path = pathlib.Path(path) / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    from parcae_jax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(hf_tokenizer(base / "tok"))
+    meta["tokenizer"] |= {"path": tokenizer.path, "fingerprint": tokenizer.fingerprint}
+    meta_path.write_text(json.dumps(meta))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +41,11 @@ def micro(dataset, tmp_path_factory):
     out = {}
     for claim in CLAIMS:
         root = base / claim
-        out[claim] = (root, run_claim(claim, str(root), "micro", data_dir=dataset, say=lambda _: None))
+        bundle = dict(bundle=str(BUNDLE), max_per_task=4) if claim == "parcae-vs-gpt" else {}
+        out[claim] = (
+            root,
+            run_claim(claim, str(root), "micro", data_dir=dataset, say=lambda _: None, **bundle),
+        )
     return out
 
 
@@ -63,6 +82,9 @@ def test_parcae_vs_gpt_matches_tokens_and_flops(micro):
     # a parameter-matched pair: the same unique parameters up to the injection's
     assert runs["gpt_tokens"]["params"]["total"] == pytest.approx(runs["parcae"]["params"]["total"], rel=0.05)
     assert set(results["verdict"]) >= {"equal_tokens", "equal_flops"}
+    assert set(results["core"]) == set(runs)  # every model scored on the bundle's CORE tasks
+    for core in results["core"].values():
+        assert core["core_tasks"] > 0 and core["accuracy"] and core["max_per_task"] == 4
 
 
 def test_test_time_depth_sweeps_to_three_times_the_training_recurrence(micro):

@@ -142,14 +142,10 @@ class TokenScorer:
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     def _run(self, ids: np.ndarray, targets: np.ndarray, uids: np.ndarray, depth: int, key: jax.Array):
-        ce, pred = self.stats_fn(
-            self.state,
-            self._global(ids, self.row_sharding),
-            self._global(targets, self.row_sharding),
-            jnp.int32(depth),
-            key,
-            self._global(uids, self.uid_sharding),
-        )
+        rows = self._global(ids, self.row_sharding), self._global(targets, self.row_sharding)
+        args = (*rows, jnp.int32(depth), key, self._global(uids, self.uid_sharding))
+        with jax.set_mesh(self.mesh):  # traced under its mesh: the attention backend places its kernel by it
+            ce, pred = self.stats_fn(self.state, *args)
         return np.asarray(jax.device_get(ce)), np.asarray(jax.device_get(pred))
 
     def score(self, rows: Sequence[Row], *, depth: int = 0, key: jax.Array | None = None,

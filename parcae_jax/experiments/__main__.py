@@ -33,6 +33,8 @@ def run_claim(
     data_dir: str | None = None,
     launcher: str | None = None,
     retry_failed: bool = False,
+    bundle: str | None = None,
+    max_per_task: int = 100,
     say=print,
 ) -> dict:
     """Plan, train (resuming), analyse and write one claim; returns its results document."""
@@ -41,6 +43,8 @@ def run_claim(
     from parcae_jax.scaling import runner
 
     module = _claim_module(claim, scale)
+    if bundle and not hasattr(module, "score_bundle"):
+        raise ConfigError(f"--bundle scores the parcae-vs-gpt models; {claim} has none to score")
     if scale in ("gpu", "tpu") and data_dir is None:
         raise ConfigError(
             f"--scale {scale} trains on prepared shards: pass --data-dir DIR (make one with "
@@ -62,6 +66,8 @@ def run_claim(
         )
     results = {"claim": claim, "paper_claim": first_paragraph(module)}
     results |= module.analyze(points, outcomes, scale)
+    if bundle:
+        results["core"] = module.score_bundle(points, root, bundle, max_per_task, say)
     results["runs_seconds"] = round(common.train_seconds(outcomes), 1)
     command = f"python -m parcae_jax.experiments {claim} --root {root} --scale {scale}"
     results["environment"] = common.environment(scale, time.perf_counter() - start, command)
@@ -126,6 +132,8 @@ def _main(argv: list[str] | None = None) -> int:
         help="how runs train (default: inprocess at micro/cpu scale, local otherwise)",
     )
     parser.add_argument("--retry-failed", action="store_true", help="train failed runs again")
+    parser.add_argument("--bundle", default=None, help="parcae-vs-gpt: score the models on this eval bundle")
+    parser.add_argument("--max-per-task", type=int, default=100, help="--bundle: examples per task (-1: all)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and a time estimate only")
     args = parser.parse_args(argv)
     if args.claim == "list":
@@ -146,6 +154,8 @@ def _main(argv: list[str] | None = None) -> int:
             data_dir=args.data_dir,
             launcher=args.launcher,
             retry_failed=args.retry_failed,
+            bundle=args.bundle,
+            max_per_task=args.max_per_task,
         )
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume")

@@ -11,12 +11,15 @@ Three runs, one seed, the same data order and recipe:
 * `gpt_tokens`: the GPT for the same N steps (equal tokens);
 * `gpt_flops`: the GPT for as many steps as the Parcae's training FLOPs buy it (equal FLOPs).
 Validation runs along the way, so the curves against tokens and against FLOPs are drawn from the
-same runs.
+same runs. With `--bundle DIR` (a DCLM-layout eval bundle), each final model is also scored on its CORE
+tasks (`eval.py`'s core task at the training depth, `--max-per-task` examples per task).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 
 import numpy as np
 
@@ -89,6 +92,33 @@ def runs(scale: str, data_dir: str | None) -> list[common.Run]:
             base=gpt_base,
         ),
     ]
+
+
+CORE_FILE = "core.json"
+
+
+def score_bundle(points, root, bundle: str, max_per_task: int, say) -> dict:
+    """CORE accuracies of each run's final model; `ROOT/<run>/core.json` keeps a finished score, so a
+    re-run only scores what is missing. In process: the runs are small (a GPU/TPU-scale run can score
+    with `python -m parcae_jax.eval --config configs/eval.py:core` on its workdir instead)."""
+    from parcae_jax.cli_config import load_config
+    from parcae_jax.evaluation import config as eval_config
+    from parcae_jax.evaluation import runner
+
+    out = {}
+    for p in points:
+        path = pathlib.Path(root) / p.name / CORE_FILE
+        if not path.exists():
+            say(f"{p.name}: CORE on {bundle} ({max_per_task} examples per task)")
+            overrides = [f"checkpoint={p.workdir}", f"bundle_dir={bundle}", f"max_per_task={max_per_task}",
+                         f"output={path}"]  # fmt: skip
+            runner.run(load_config(f"{eval_config.__file__}:core", overrides), log=lambda *a, **k: None)
+        core = json.loads(path.read_text())["tasks"]["core"]
+        (depth,) = core["depths"].values()  # the model's training depth
+        out[p.name] = {"core_metric": depth["core_metric"], "core_tasks": depth["core_tasks"],
+                       "accuracy": {t: v["accuracy"] for t, v in depth["tasks"].items()},
+                       "max_per_task": max_per_task}  # fmt: skip
+    return out
 
 
 def _eval_every(spec: dict, stop: tuple[str, ...]) -> tuple[str, ...]:
@@ -168,6 +198,10 @@ def summary(results: dict) -> list[str]:
     for name, r in results["runs"].items():
         loss = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
         lines.append(f"{name:<12} {r['steps']:>6} {r['tokens']:>11,} {r['training_flops']:>10.3g} {loss:>9}")
+    for name, core in results.get("core", {}).items():
+        value = core["core_metric"]
+        lines.append(f"{name}: CORE {value:.4f} over {core['core_tasks']} tasks" if value is not None
+                     else f"{name}: no CORE task in the bundle")  # fmt: skip
     v = results["verdict"]
     if v:
         lines.append(
