@@ -61,8 +61,34 @@ def batch_geometry(train_cfg, mesh: Mesh) -> tuple[int, int]:
     return world // global_micro, global_micro
 
 
-def create_train_state(run_cfg, mesh: Mesh, max_steps: int) -> tuple[TrainSetup, dict]:
-    """Build model, optimizer and the sharded train state (parameters initialised in place)."""
+def moment_shardings(opt_state, params, param_shardings, replicated: NamedSharding):
+    """Shardings of an optimizer state: a leaf that mirrors a parameter (its key path ends with the
+    parameter's path, same shape: Adam's moments, Muon's momentum) takes that parameter's sharding;
+    everything else (counts, schedules) is replicated. Matched by path, because `jax.jit(tx.init)`
+    alone never uses the parameters' values and so would place every moment on one device."""
+    per_leaf = jax.tree.map(lambda s, _: s, param_shardings, params)  # the prefix tree, one per leaf
+    by_path = {
+        tuple(path): (leaf.shape, s)
+        for (path, leaf), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(per_leaf),
+                                   strict=True)
+    }
+
+    def pick(path, x):
+        for start in range(len(path)):
+            shape, s = by_path.get(tuple(path[start:]), (None, None))
+            if s is not None and shape == x.shape:
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def create_train_state(run_cfg, mesh: Mesh, max_steps: int, *, abstract: bool = False
+                       ) -> tuple[TrainSetup, dict]:
+    """Build model, optimizer and the sharded train state (parameters initialised in place).
+
+    `abstract=True` runs nothing: the state comes back as `jax.ShapeDtypeStruct`s carrying their
+    shardings, for compiling ahead of time on devices this process cannot run on (`parcae_jax.aot`)."""
     model_cfg = ModelConfig.from_dict(run_cfg.model.to_dict())
     seed = int(run_cfg.train.seed)
 
@@ -72,18 +98,25 @@ def create_train_state(run_cfg, mesh: Mesh, max_steps: int) -> tuple[TrainSetup,
     abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, seed=seed))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     param_shardings = sharding.state_shardings(abstract_params, mesh)
-    params = jax.jit(init_params, out_shardings=param_shardings)()
-    tx = build_optimizer(params, run_cfg.train, max_steps)
+    tx = build_optimizer(abstract_params, run_cfg.train, max_steps)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.jit(tx.init)(params)
-    # Moments inherit their parameter's sharding; scalars (counts, schedules) are replicated.
-    opt_shardings = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.ndim else replicated, opt_state
-    )
-    opt_state = jax.device_put(opt_state, opt_shardings)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros([], jnp.int32)}
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = moment_shardings(abstract_opt, abstract_params, param_shardings, replicated)
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
-    state["step"] = jax.device_put(state["step"], replicated)
+    if abstract:
+        shapes = {"params": abstract_params, "opt_state": abstract_opt,
+                  "step": jax.ShapeDtypeStruct((), jnp.int32)}
+        # One sharding per array (a Variable holds one), so the Variable wrappers stay in place.
+        leaves, treedef = jax.tree.flatten(shapes)
+        state = treedef.unflatten([
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            for x, s in zip(leaves, jax.tree.leaves(state_shardings), strict=True)
+        ])
+    else:
+        params = jax.jit(init_params, out_shardings=param_shardings)()
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+        state = {"params": params, "opt_state": opt_state,
+                 "step": jax.device_put(jnp.zeros([], jnp.int32), replicated)}
     accum, global_micro = batch_geometry(run_cfg.train, mesh)
     setup = TrainSetup(
         model_cfg=model_cfg,
@@ -245,6 +278,12 @@ def make_train_step(setup: TrainSetup, train_cfg):
         if groups:  # every row moves with its depths, h0 (by its index), positions and loss weight
             order = depth_order(*depths, A, Bm, ranks, groups)
             rows = jax.tree.map(lambda x: x.reshape(A * Bm, *x.shape[2:])[order], rows)
+            # The permutation is a gather across the whole batch, after which the partitioner keeps
+            # the rows replicated: without this constraint every device computed the full global
+            # micro-batch (seen in the XLA cost analysis of `parcae_jax.aot`).
+            rows = jax.tree.map(
+                lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(setup.mesh, PartitionSpec(
+                    *BATCH_SPEC[:2], *(None,) * (x.ndim - 2)))), rows)
 
         def body(carry, xs):
             grads, nll = carry
@@ -286,7 +325,10 @@ def compile_train_step(step_fn, state, setup: TrainSetup, block_size: int):
         "inputs": jax.ShapeDtypeStruct((setup.accum, setup.global_micro_batch, T), jnp.int32),
         "labels": jax.ShapeDtypeStruct((setup.accum, setup.global_micro_batch, T), jnp.int32),
     }
-    compiled = step_fn.lower(abstract_state(state), batch, jax.random.key(0)).compile()
+    # Traced with the mesh in context: the attention's `auto` backend places its kernel by it (splash on
+    # a TPU mesh runs under shard_map; without a mesh it would fall back to XLA attention).
+    with jax.set_mesh(setup.mesh):
+        compiled = step_fn.lower(abstract_state(state), batch, jax.random.key(0)).compile()
     try:
         mem = compiled.memory_analysis()
     except Exception:  # not every backend reports it
