@@ -49,6 +49,7 @@ def micro(dataset, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the module's micro-scale claims take about 2 minutes
 def test_every_claim_writes_results_and_plots(micro):
     for claim, (root, results) in micro.items():
         on_disk = json.loads((root / "results.json").read_text())
@@ -59,6 +60,7 @@ def test_every_claim_writes_results_and_plots(micro):
         assert results["runs_seconds"] > 0
 
 
+@pytest.mark.slow  # the module's micro-scale claims take about 2 minutes
 def test_stability_measures_every_injection(micro):
     _, results = micro["stability"]
     runs = {e["injection"]: e for e in results["runs"]}
@@ -71,6 +73,7 @@ def test_stability_measures_every_injection(micro):
         assert e["lr"] == pytest.approx(8 * results["recipe_rates"]["lr"])
 
 
+@pytest.mark.slow  # the module's micro-scale claims take about 2 minutes
 def test_parcae_vs_gpt_matches_tokens_and_flops(micro):
     _, results = micro["parcae-vs-gpt"]
     runs = results["runs"]
@@ -87,6 +90,7 @@ def test_parcae_vs_gpt_matches_tokens_and_flops(micro):
         assert core["core_tasks"] > 0 and core["accuracy"] and core["max_per_task"] == 4
 
 
+@pytest.mark.slow  # the module's micro-scale claims take about 2 minutes
 def test_test_time_depth_sweeps_to_three_times_the_training_recurrence(micro):
     _, results = micro["test-time-depth"]
     run = results["runs"]["rec2"]
@@ -94,6 +98,7 @@ def test_test_time_depth_sweeps_to_three_times_the_training_recurrence(micro):
     assert all(math.isfinite(x) for x in run["losses"]) and "L_inf" in run["fit"]
 
 
+@pytest.mark.slow  # the module's micro-scale claims take about 2 minutes
 def test_isoflop_fits_the_sweep(micro):
     _, results = micro["isoflop"]
     assert [b["flop_budget"] for b in results["budgets"]] == sorted(
@@ -102,6 +107,7 @@ def test_isoflop_fits_the_sweep(micro):
     assert all(set(b["losses_by_recurrence"]) == {1, 2} for b in results["budgets"])
 
 
+@pytest.mark.slow  # the module's micro-scale claims take about 2 minutes
 def test_rerun_resumes_only_what_is_missing(micro, dataset):
     """A finished claim re-run trains nothing; a run whose result is gone is evaluated again from its final
     checkpoint without training (the runner's resume from a mid-run checkpoint: tests/test_scaling.py)."""
