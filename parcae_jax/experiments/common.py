@@ -55,45 +55,50 @@ MICRO_MODEL = (
     "model.n_layers_in_coda=1",
     "model.block_size=32",
 )
-# The released 140M shapes (d 768, 6 heads, P = R = C = 2) on prepared FineWeb-Edu shards, bf16.
-ACCELERATOR_MODEL = ("model.compute_dtype=bfloat16",)
+# gpu/tpu: the released 140M shapes (d 768, 6 heads, P = R = C = 2) in their recipe's bf16, on
+# prepared FineWeb-Edu shards.
 ACCELERATOR_BASE = "configs/parcae_140m.py"
 
 
-def scale_setup(scale: str, spec: dict) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    """(base config, model and batch overrides, stop criterion) of a claim's scale. `spec` holds the
-    batch (`batch` sequences per step) and the length: `steps` (micro, cpu) or `tokens` (gpu, tpu).
-    Validation runs once, at the end, unless a claim asks for a curve; checkpoints come three times per
-    run so an interrupted run resumes close to where it stopped."""
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """A claim's scale as overrides: the model shape (empty: the base's own), the batch and the
+    evaluation/checkpoint cadence, and the stop criterion."""
+
+    base: str
+    shape: tuple[str, ...]
+    train: tuple[str, ...]
+    stop: tuple[str, ...]
+
+
+def scale_setup(scale: str, spec: dict) -> Scale:
+    """`spec` holds the batch (`batch` sequences per step) and the length: `steps` (micro, cpu) or
+    `tokens` (gpu, tpu). Validation runs once, at the end, unless a claim asks for a curve; checkpoints
+    come three times per run so an interrupted run resumes close to where it stopped."""
     if scale not in SCALES:
         raise ConfigError(f"--scale must be one of {SCALES}, got {scale!r}")
     batch = int(spec["batch"])
     if scale in ("gpu", "tpu"):
         steps = int(spec["tokens"]) // (batch * 2048)
-        model = (
-            *ACCELERATOR_MODEL,
-            f"train.world_batch_size={batch}",
-            f"train.micro_batch_size={min(batch, 32)}",
-        )
+        base, shape = ACCELERATOR_BASE, ()
+        train = (f"train.world_batch_size={batch}", f"train.micro_batch_size={min(batch, 32)}")
         stop = (f"train.max_tokens={int(spec['tokens'])}",)
-        base = ACCELERATOR_BASE
     else:
         steps = int(spec["steps"])
         micro = scale == "micro"
-        model = (
-            *(MICRO_MODEL if micro else CPU_MODEL),
+        base, shape = BASE, MICRO_MODEL if micro else CPU_MODEL
+        train = (
             f"train.world_batch_size={batch}",
             f"train.micro_batch_size={1 if micro else batch}",
             f"train.eval_iters={2 if micro else 8}",
         )
         stop = (f"train.max_steps={steps}",)
-        base = BASE
     cadence = (
         f"train.eval_every={10**9}",
         f"train.checkpoint_every={10**9 if scale == 'micro' else max(1, steps // 3)}",
         f"train.log_every={1 if steps < 1000 else 10}",
     )
-    return base, (*model, *cadence), stop
+    return Scale(base, shape, (*train, *cadence), stop)
 
 
 def recipe_rates(base: str) -> dict[str, float]:

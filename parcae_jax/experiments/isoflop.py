@@ -33,9 +33,12 @@ def runs(scale: str, data_dir: str | None) -> list[common.Run]:
     spec = SCALES[scale]
     # The stop criterion is the budget: steps/tokens given here only size the checkpoint cadence.
     sizing = {"steps": 300, "tokens": 200_000_000} | spec
-    base, model, _ = common.scale_setup(scale, sizing)
+    setup = common.scale_setup(scale, sizing)
+    base = setup.base
     data = common.data_overrides(data_dir, common.dataset_vocab(data_dir))
-    config = ml_collections.ConfigDict({"backprop_depth": "ceil_half", "overrides": (*model, *data)})
+    config = ml_collections.ConfigDict(
+        {"backprop_depth": "ceil_half", "overrides": (*setup.shape, *setup.train, *data)}
+    )
     base_cfg = load_config(str(sweep.REPO / base))
     budgets = spec.get("budgets") or _budgets_of_steps(base, config, spec["budget_steps"])
     out = []

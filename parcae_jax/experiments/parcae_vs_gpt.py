@@ -17,7 +17,6 @@ tasks (`eval.py`'s core task at the training depth, `--max-per-task` examples pe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 
@@ -56,41 +55,28 @@ GPT_BASE = {
 }
 
 
-def _gpt_model(scale: str, parcae_model: tuple[str, ...]) -> tuple[str, ...]:
-    """The GPT's model overrides: the Parcae's batch/cadence overrides with the GPT's shape."""
-    shape = {"micro": MICRO_GPT, "cpu": CPU_GPT}.get(scale, ())
-    shared = tuple(
-        o for o in parcae_model if not o.startswith("model.") or o == "model.compute_dtype=bfloat16"
-    )
-    return (*shape, *shared)
-
-
 def runs(scale: str, data_dir: str | None) -> list[common.Run]:
     spec = SCALES[scale]
-    base, model, stop = common.scale_setup(scale, spec)
+    setup = common.scale_setup(scale, spec)
     data = common.data_overrides(data_dir, common.dataset_vocab(data_dir))
-    parcae = common.Run("parcae", (*model, *data, *stop))
-    parcae = dataclasses.replace(parcae, base=base, overrides=(*parcae.overrides, *_eval_every(spec, stop)))
+    evals = _eval_every(spec)
+    parcae = common.Run("parcae", (*setup.shape, *setup.train, *data, *setup.stop, *evals), base=setup.base)
     gpt_base = GPT_BASE[scale]
-    gpt_model = _gpt_model(scale, model)
-    p = sweep.make_point("parcae", base, list(parcae.overrides), "/nonexistent")
-    g = sweep.make_point("gpt", gpt_base, [*gpt_model, *data, *stop], "/nonexistent")
+    gpt = (*{"micro": MICRO_GPT, "cpu": CPU_GPT}.get(scale, ()), *setup.train, *data)
+    p = sweep.make_point("parcae", setup.base, list(parcae.overrides), "/nonexistent")
+    g = sweep.make_point("gpt", gpt_base, [*gpt, *setup.stop], "/nonexistent")
     # Equal FLOPs: the GPT's steps that cost what the Parcae's training cost (official FLOP formula).
     flops_steps = max(1, round(p.total_flops / (g.flops_per_token * g.tokens_per_step)))
     flops_stop = (
         (f"train.max_tokens={flops_steps * g.tokens_per_step}",)
-        if stop[0].startswith("train.max_tokens")
+        if setup.stop[0].startswith("train.max_tokens")
         else (f"train.max_steps={flops_steps}",)
     )
     flops_cadence = (f"train.checkpoint_every={max(1, flops_steps // 3)}",)
     return [
         parcae,
-        common.Run("gpt_tokens", (*gpt_model, *data, *stop, *_eval_every(spec, stop)), base=gpt_base),
-        common.Run(
-            "gpt_flops",
-            (*gpt_model, *data, *flops_stop, *flops_cadence, *_eval_every(spec, stop)),
-            base=gpt_base,
-        ),
+        common.Run("gpt_tokens", (*gpt, *setup.stop, *evals), base=gpt_base),
+        common.Run("gpt_flops", (*gpt, *flops_stop, *flops_cadence, *evals), base=gpt_base),
     ]
 
 
@@ -121,7 +107,7 @@ def score_bundle(points, root, bundle: str, max_per_task: int, say) -> dict:
     return out
 
 
-def _eval_every(spec: dict, stop: tuple[str, ...]) -> tuple[str, ...]:
+def _eval_every(spec: dict) -> tuple[str, ...]:
     """Validation `evals` times over the Parcae's length (so the GPT runs share the same token grid)."""
     steps = spec["steps"] if "steps" in spec else spec["tokens"] // (spec["batch"] * 2048)
     return (f"train.eval_every={max(1, steps // spec['evals'])}",)

@@ -40,8 +40,8 @@ SCALES = {
 
 def runs(scale: str, data_dir: str | None) -> list[common.Run]:
     spec = SCALES[scale]
-    base, model, stop = common.scale_setup(scale, spec)
-    recipe = common.recipe_rates(base)
+    setup = common.scale_setup(scale, spec)
+    recipe = common.recipe_rates(setup.base)
     data = common.data_overrides(data_dir, common.dataset_vocab(data_dir))
     out = []
     for injection in INJECTIONS:
@@ -49,16 +49,17 @@ def runs(scale: str, data_dir: str | None) -> list[common.Run]:
             lr = f"train.lr={recipe['lr'] * m:.6g}"
             muon = f"train.muon_lr={recipe['muon_lr'] * m:.6g}"
             overrides = (
-                *model,
+                *setup.shape,
+                *setup.train,
                 *data,
-                *stop,
+                *setup.stop,
                 f"model.injection_type={injection}",
                 lr,
                 muon,
                 "train.log_every=1",
                 "train.loss_guardrail=none",
             )
-            out.append(common.Run(f"{injection}_lr{m:g}x", overrides, base=base))
+            out.append(common.Run(f"{injection}_lr{m:g}x", overrides, base=setup.base))
     return out
 
 
@@ -104,7 +105,7 @@ def measure(rows: list[dict]) -> dict:
 
 def analyze(points, outcomes: dict[str, dict], scale: str) -> dict:
     spec = SCALES[scale]
-    recipe = common.recipe_rates(common.scale_setup(scale, spec)[0])
+    recipe = common.recipe_rates(common.scale_setup(scale, spec).base)
     table = []
     for point in points:
         injection, _, rest = point.name.partition("_lr")

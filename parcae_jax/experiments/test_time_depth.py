@@ -31,7 +31,7 @@ EMPIRICAL_TOLERANCE = 0.01  # nats
 
 def runs(scale: str, data_dir: str | None) -> list[common.Run]:
     spec = SCALES[scale]
-    base, model, stop = common.scale_setup(scale, spec)
+    setup = common.scale_setup(scale, spec)
     data = common.data_overrides(data_dir, common.dataset_vocab(data_dir))
     out = []
     for mu in spec["recurrences"]:
@@ -40,8 +40,8 @@ def runs(scale: str, data_dir: str | None) -> list[common.Run]:
         out.append(
             common.Run(
                 f"rec{mu}",
-                (*model, *data, *stop, *depth),
-                base=base,
+                (*setup.shape, *setup.train, *data, *setup.stop, *depth),
+                base=setup.base,
                 test_depths=tuple(range(1, 3 * mu + 1)),
                 depth_sweep_batches=spec["sweep_batches"],
                 depth_sweep_batch_size=8,
