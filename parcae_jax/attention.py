@@ -7,19 +7,18 @@
 * `splash`: the Pallas TPU splash-attention kernel shipped with JAX. A Mosaic kernel cannot be
   partitioned by XLA, so on a mesh it runs under `jax.shard_map` over the batch axes (data, fsdp) and
   the head axis (tensor); the mesh is the one in context (`jax.set_mesh`), see `attend`.
+* `splash-interpret`: the same kernel through the Pallas interpreter, on any platform (slow): to check
+  the kernel against `xla` on a CPU.
 * `auto` (default): splash on TPU, cuDNN on GPU, XLA elsewhere, and XLA wherever the chosen kernel
   cannot run (a sequence length splash cannot tile, fp32 on GPU, a multi-device TPU run traced without
   a mesh in context).
 
 Every backend computes softmax(q kᵀ / sqrt(D) + causal mask) v with fp32 logits and softmax; they
 differ only in float rounding (summation order, tiling, where the 1/sqrt(D) scale is applied).
-
-Tests run splash on CPU through Pallas' interpreter: `with splash_interpret(): ...`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -38,21 +37,6 @@ log = logging.getLogger(__name__)
 # Splash tiles: the largest of these dividing T (the kernel needs multiples of 128, the TPU lane width).
 # Bigger tiles mean fewer grid steps for more VMEM; 512 is an untuned ceiling, not a measured optimum.
 SPLASH_BLOCKS = (512, 256, SPLASH_BLOCK_MULTIPLE)
-
-_interpret = False  # set by `splash_interpret`; read at trace time
-
-
-@contextlib.contextmanager
-def splash_interpret():
-    """Run splash through the Pallas interpreter (any platform, slow): for tests on CPU. It applies to
-    functions traced inside the block; a function jitted earlier keeps its compiled backend."""
-    global _interpret
-    previous, _interpret = _interpret, True
-    try:
-        yield
-    finally:
-        _interpret = previous
-
 
 def current_mesh():
     """The mesh set by `jax.set_mesh` (an AbstractMesh while tracing), or None when there is none."""
@@ -84,7 +68,7 @@ def splash_block(seq_len: int) -> int:
 
 def resolve(impl: str | None, *, platform: str, seq_len: int, head_dim: int, dtype,
             devices_without_mesh: int = 1) -> str:
-    """The backend ('xla', 'cudnn' or 'splash') that runs `impl` for these shapes on `platform`.
+    """The backend (an ATTENTION_IMPLS value but `auto`) that runs `impl` for these shapes on `platform`.
 
     An explicit backend that cannot run here raises a one-line ConfigError naming the fix; `auto` picks
     the fastest one that can. `devices_without_mesh` > 1 means a multi-device program traced without a
@@ -110,8 +94,8 @@ def resolve(impl: str | None, *, platform: str, seq_len: int, head_dim: int, dty
             raise ConfigError(f"model.attention_impl='cudnn' needs bfloat16 or float16 activations, got "
                               f"{dtype}; set model.compute_dtype=bfloat16 or model.attention_impl=auto "
                               "(or xla)")
-    if impl == "splash":
-        if platform != "tpu" and not _interpret:
+    if impl in ("splash", "splash-interpret"):
+        if impl == "splash" and platform != "tpu":
             raise ConfigError(f"model.attention_impl='splash' needs a TPU, but the attention runs on "
                               f"{platform}; set model.attention_impl=auto (or xla)")
         splash_block(seq_len)  # raises when T cannot be tiled
@@ -156,13 +140,15 @@ def attend(
     B, T, H, D = q.shape
     backend = resolve(impl, platform=platform_of(mesh), seq_len=T, head_dim=D, dtype=q.dtype,
                       devices_without_mesh=jax.device_count() if mesh is None else 1)
-    if backend == "splash":
-        return _splash(q, k, v, mesh)
+    if backend in ("splash", "splash-interpret"):
+        return _splash(q, k, v, mesh, interpret=backend == "splash-interpret")
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=backend)
 
 
-def _splash_local(q: Float[Array, "b T h D"], k: Float[Array, "b T k D"], v) -> Float[Array, "b T h D"]:
-    """Splash attention on one device's shard (or the whole array without a mesh)."""
+def _splash_local(q: Float[Array, "b T h D"], k: Float[Array, "b T k D"], v, *, interpret: bool = False
+                  ) -> Float[Array, "b T h D"]:
+    """Splash attention on one device's shard (or the whole array without a mesh); `interpret` runs the
+    kernel through the Pallas interpreter."""
     # Imported here: the Pallas TPU modules are not needed (nor imported) by the other backends.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
@@ -178,7 +164,7 @@ def _splash_local(q: Float[Array, "b T h D"], k: Float[Array, "b T k D"], v) -> 
     # The MHA variant takes k/v with fewer heads than q and maps query head h to kv head h // (H / K),
     # the grouping jax.nn.dot_product_attention uses, so GQA needs no repeated k/v.
     kernel = kernel_lib.make_splash_mha(causal, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                        interpret=_interpret)
+                                        interpret=interpret)
     # The kernel applies no softmax scale: scale q in fp32 and round once to its dtype.
     q = (q.astype(jnp.float32) * (1.0 / math.sqrt(D))).astype(q.dtype)
     heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [b, T, h, D] <-> [b, h, T, D]
@@ -186,10 +172,11 @@ def _splash_local(q: Float[Array, "b T h D"], k: Float[Array, "b T k D"], v) -> 
     return heads_major(out).astype(q.dtype)
 
 
-def _splash(q, k, v, mesh) -> Array:
+def _splash(q, k, v, mesh, interpret: bool) -> Array:
     """Splash directly without a mesh; on a mesh, under shard_map over (data, fsdp) x tensor."""
+    local = functools.partial(_splash_local, interpret=interpret)
     if mesh is None:
-        return _splash_local(q, k, v)
+        return local(q, k, v)
     free = {a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
             if t != jax.sharding.AxisType.Manual}  # axes an enclosing shard_map has not taken
     rules = tuple((name, _only(axes, free)) for name, axes in sharding.RULES)
@@ -205,7 +192,7 @@ def _splash(q, k, v, mesh) -> Array:
         q_spec = PartitionSpec(q_spec[0], None, None, None)
         kv_spec = PartitionSpec(kv_spec[0], None, None, None)
     # check_vma=False: the Pallas call carries no varying-manual-axes annotations to check.
-    fn = jax.shard_map(_splash_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
                        axis_names=free, check_vma=False)
     return fn(q, k, v)
 

@@ -31,7 +31,9 @@ MLP_CLASSES = ("BaseMLP", "GatedMLP")
 # `attention_impl` values (parcae_jax/attention.py runs them). What can be checked without knowing the
 # platform is checked here: splash tiles T in multiples of 128 (the TPU lane width); cuDNN flash
 # attention takes half-precision inputs and head dims that are multiples of 8, at most 256 (Hopper).
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# `splash-interpret` runs the splash kernel through the Pallas interpreter on any platform (slow): for
+# checking the kernel against `xla` off TPU.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "splash-interpret")
 SPLASH_BLOCK_MULTIPLE = 128
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 256
@@ -152,7 +154,7 @@ class ModelConfig:
     compute_dtype: str = _jax("bfloat16")  # matmul/activation dtype; params stay in param_dtype
     param_dtype: str = _jax("float32")
     remat: bool = _jax(False)  # activation checkpointing, with the policy `activation_checkpoint_impl`
-    attention_impl: str = _jax("auto")  # auto | xla | cudnn | splash (parcae_jax/attention.py)
+    attention_impl: str = _jax("auto")  # ATTENTION_IMPLS (parcae_jax/attention.py)
 
     def __post_init__(self):
         if type(self) is ModelConfig:
@@ -247,9 +249,9 @@ class ModelConfig:
         check, impl = self._check, self.attention_impl
         check(impl in ATTENTION_IMPLS, f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
         other = "attention_impl='auto' (or 'xla')"
-        if impl == "splash":
+        if impl in ("splash", "splash-interpret"):
             check(self.block_size % SPLASH_BLOCK_MULTIPLE == 0,
-                  f"attention_impl 'splash' needs block_size a multiple of {SPLASH_BLOCK_MULTIPLE}, got "
+                  f"attention_impl {impl!r} needs block_size a multiple of {SPLASH_BLOCK_MULTIPLE}, got "
                   f"{self.block_size}; change block_size or set {other}")
         if impl == "cudnn":
             check(self.compute_dtype in CUDNN_DTYPES,

@@ -1,7 +1,7 @@
 """Attention backends (parcae_jax/attention.py) against the XLA parity path.
 
-Splash runs on CPU through the Pallas interpreter (`attention.splash_interpret`); cuDNN cannot run here,
-so it is covered by the resolver and the config checks. With libtpu installed, the splash path is also
+Splash runs on CPU through the Pallas interpreter (`attention_impl='splash-interpret'`); cuDNN cannot run
+here, so it is covered by the resolver and the config checks. With libtpu installed, the splash path is also
 compiled ahead of time for a real TPU topology (v5e 2x2) from this CPU host.
 """
 
@@ -68,6 +68,7 @@ def test_auto_picks_the_platform_kernel():
     assert attention.resolve("xla", platform="tpu", **kw) == "xla"
     assert attention.resolve("splash", platform="tpu", **kw) == "splash"
     assert attention.resolve("cudnn", platform="gpu", **kw) == "cudnn"
+    assert attention.resolve("splash-interpret", platform="cpu", **kw) == "splash-interpret"  # any platform
 
 
 def test_platform_comes_from_the_mesh_in_context():
@@ -85,6 +86,7 @@ def test_platform_comes_from_the_mesh_in_context():
     ("splash", "cpu", 256, jnp.bfloat16, "needs a TPU"),
     ("splash", "gpu", 256, jnp.bfloat16, "needs a TPU"),
     ("splash", "tpu", 200, jnp.bfloat16, "multiples of 128"),
+    ("splash-interpret", "cpu", 200, jnp.float32, "multiples of 128"),
     ("flash", "tpu", 256, jnp.bfloat16, "is not one of"),
 ])
 def test_an_impossible_backend_is_a_one_line_config_error(impl, platform, seq_len, dtype, fix):
@@ -97,6 +99,7 @@ def test_an_impossible_backend_is_a_one_line_config_error(impl, platform, seq_le
 
 @pytest.mark.parametrize(("overrides", "fix"), [
     (dict(attention_impl="splash", block_size=32), "block_size a multiple of 128"),
+    (dict(attention_impl="splash-interpret", block_size=32), "block_size a multiple of 128"),
     (dict(attention_impl="cudnn"), "compute_dtype bfloat16 or float16"),
     (dict(attention_impl="cudnn", compute_dtype="bfloat16", n_embd=36, recurrent_embedding_dimension=36),
      "multiple of 8"),
@@ -111,6 +114,7 @@ def test_config_accepts_every_backend_and_reads_none_as_auto():
     assert tiny_parcae().attention_impl == "auto"
     assert tiny_parcae(attention_impl=None).attention_impl == "auto"
     assert tiny_parcae(attention_impl="splash", block_size=128).attention_impl == "splash"
+    assert tiny_parcae(attention_impl="splash-interpret", block_size=128).attention_impl == "splash-interpret"
     assert tiny_parcae(attention_impl="cudnn", compute_dtype="bfloat16").attention_impl == "cudnn"
 
 
@@ -125,9 +129,8 @@ def test_splash_blocks_divide_the_sequence():
 def test_splash_matches_xla_forward_and_gradients():
     q, k, v = qkv(384)  # three 128-blocks: the kernel skips, masks and fully computes blocks
     (ref_loss, ref_grads) = value_and_grads("xla")(q, k, v)
-    with attention.splash_interpret():
-        out = jax.jit(lambda q, k, v: attention.attend(q, k, v, "splash"))(q, k, v)
-        loss, grads = value_and_grads("splash")(q, k, v)
+    out = jax.jit(lambda q, k, v: attention.attend(q, k, v, "splash-interpret"))(q, k, v)
+    loss, grads = value_and_grads("splash-interpret")(q, k, v)
     ref_out = attention.attend(q, k, v, "xla")
     assert float(jnp.max(jnp.abs(out - ref_out))) < 2e-6
     assert abs(float(loss - ref_loss)) < 1e-4 * abs(float(ref_loss)) + 1e-4
@@ -141,8 +144,8 @@ def test_splash_under_shard_map_on_eight_devices():
     mesh = sharding.make_mesh(2, 2, 2)
     placed = [jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor"))) for x in
               (q, k, v)]
-    with jax.set_mesh(mesh), attention.splash_interpret():
-        fn = value_and_grads("splash")
+    with jax.set_mesh(mesh):
+        fn = value_and_grads("splash-interpret")
         assert "shard_map" in str(jax.make_jaxpr(fn)(*placed))
         loss, grads = fn(*placed)
     assert abs(float(loss - ref_loss)) < 1e-4 * abs(float(ref_loss)) + 1e-4
@@ -168,11 +171,10 @@ def test_tiny_model_logits_splash_equal_xla():
     # One set of weights (built under jit: eager init costs ~15 s here), one graph per backend.
     state = jax.jit(lambda: nnx.state(perturbed(build("xla"))))()
     logits = {}
-    for impl in ("xla", "splash"):
+    for impl in ("xla", "splash-interpret"):
         model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda impl=impl: build(impl))), state)
-        with attention.splash_interpret():
-            logits[impl] = jax.jit(lambda m, ids: m(ids, num_steps=2))(model, ids)
-    diff = float(jnp.max(jnp.abs(logits["splash"] - logits["xla"])))
+        logits[impl] = jax.jit(lambda m, ids: m(ids, num_steps=2))(model, ids)
+    diff = float(jnp.max(jnp.abs(logits["splash-interpret"] - logits["xla"])))
     assert diff < 1e-5, diff
 
 
