@@ -136,7 +136,8 @@ def _main(argv: list[str] | None = None) -> int:
                         help="compile the train step and print its memory analysis, run nothing")
     parser.add_argument("--attention", default=None, choices=ATTENTION_IMPLS,
                         help="model.attention_impl: auto (splash on TPU, cudnn on GPU, else xla), xla (the "
-                             "parity path), cudnn (GPU flash attention, bf16), splash (TPU Pallas kernel)")
+                             "parity path), cudnn (GPU flash attention, bf16), splash (TPU Pallas kernel), "
+                             "splash-interpret (that kernel in the Pallas interpreter, any platform)")
     parser.add_argument("--loss-chunk-len", type=int, default=None,
                         help="train.loss_chunk_len: head + loss over sequence chunks of this many "
                              "tokens (0: off)")
