@@ -92,11 +92,13 @@ class _LM(nnx.Module):
             V, d, axes=("vocab", "embed"), init_fn=inits.matrix(cfg, cfg.embedding_std), cfg=cfg, rngs=rngs
         )
         ve_width = cfg.n_kv_heads * cfg.head_size
-        # Official default nn.Embedding init N(0, 1), never re-initialised.
+        # Official default nn.Embedding init N(0, 1), never re-initialised. Sharded as wte is: a table's
+        # width takes the fsdp axis (with "kv_heads" there it found the tensor axis already taken by
+        # "vocab" and stayed whole on every device, the tables and their Adam moments included).
         self.value_embeds = nnx.Dict(
             {
                 str(i): Embed(
-                    V, ve_width, axes=("vocab", "kv_heads"), init_fn=inits.normal(1.0), cfg=cfg, rngs=rngs
+                    V, ve_width, axes=("vocab", "embed"), init_fn=inits.normal(1.0), cfg=cfg, rngs=rngs
                 )
                 for i in cfg.ve_table_indices()
             }

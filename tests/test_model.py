@@ -259,6 +259,21 @@ def test_sharded_and_unsharded_forward_agree():
     np.testing.assert_allclose(got, expected, atol=2e-5)
 
 
+def test_fsdp_shards_every_large_parameter_of_the_released_models():
+    """Under a full-FSDP mesh no parameter of a million or more entries stays whole on a device (the
+    value-embedding tables once did: their two axes both mapped to `tensor`)."""
+    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    for name in ("parcae-small-140m", "gpt-small-140m", "parcae-xlarge-1_3b"):
+        params = nnx.state(abstract_model(ModelConfig.from_dict(presets.released(name))), nnx.Param)
+        shardings = sharding.state_shardings(params, mesh)
+        for path, var in nnx.to_flat_state(params):
+            shape = var.get_value().shape
+            if math.prod(shape) < 2**20:
+                continue
+            shard = dict(nnx.to_flat_state(shardings))[path].shard_shape(shape)
+            assert math.prod(shard) * 8 == math.prod(shape), (name, path, shape, shard)
+
+
 def test_released_parameter_counts_match_official():
     expected = {  # PARCAE_SPEC §3.5 (unique parameters, tied head counted once)
         "parcae-small-140m": 144_323_136,
