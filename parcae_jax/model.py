@@ -343,16 +343,17 @@ class Parcae(_LM):
         h = jnp.stack(prefix, axis=1).reshape(h0.shape)  # back to the rows' order
         h = jax.lax.stop_gradient(h)
 
-        grad_step = step
+        remat = None
         if cfg.remat and "per-iteration" in cfg.activation_checkpoint_impl:
-            grad_step = jax.checkpoint(step, policy=_remat_policy(cfg.activation_checkpoint_impl))
-        out = recur(lambda r, h, c, run: (grad_step(args, h), c, None), h, count=k, bound=int(max_grad_steps))
+            remat = functools.partial(jax.checkpoint, policy=_remat_policy(cfg.activation_checkpoint_impl))
+        out = recur(lambda r, h, c, run: (step(args, h), c, None), h, count=k, bound=int(max_grad_steps),
+                    remat=remat)
         x = self.coda_features(out.h, ids, rope, training=True)
         tel = self._telemetry(out.h, None, jnp.mean(n), jnp.mean(k))
         tel["rel_residual"] = jnp.mean(rel_residual(out.h, out.h_prev))
         # Recurrences per sequence: sampled (n + k as drawn) and executed (its group's prefix bound
         # plus the gradient steps the masked scan ran).
-        grad_trips = jnp.minimum(jnp.max(k), int(max_grad_steps)).astype(jnp.float32)
+        grad_trips = out.steps.astype(jnp.float32)
         tel["sampled_recurrences"] = jnp.mean((n + per_element(k, ids.shape)).astype(jnp.float32))
         tel["executed_recurrences"] = jnp.mean(jnp.stack(group_max).astype(jnp.float32)) + grad_trips
         return (x if features else self.head(x)), tel
