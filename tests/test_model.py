@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import tiny_parcae, tiny_parcae_model
+from jax.ad_checkpoint import print_saved_residuals
 
 from parcae_jax import losses, presets, sharding
 from parcae_jax.config import ModelConfig
@@ -224,6 +228,33 @@ def test_remat_puts_checkpoints_in_the_gradient_program(impl):
     base = tiny().config
     assert checkpoints(base.replace(remat=False, activation_checkpoint_impl=impl)) == 0
     assert checkpoints(base.replace(remat=True, activation_checkpoint_impl=impl)) > 0
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_gradient_steps_keep_no_per_step_copy_of_loop_invariants(remat):
+    """Reverse mode through the gradient steps' scan saves per-step activations only: no weight, nor the
+    injection's input term, is stacked once per step (a lax.cond in the scan body once did that)."""
+    model = build_model(tiny_parcae(remat=remat, activation_checkpoint_impl="per-iteration"), seed=0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    ids, h0 = ids_and_h0(model)
+    steps = 3
+
+    def loss(p):
+        m = nnx.merge(graphdef, p)
+        x, _ = m.forward_train(ids, jnp.array([1, 2]), jnp.array([3, 1]), max_grad_steps=steps,
+                               initial_state=h0, features=True)
+        return jnp.sum(x)
+
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        print_saved_residuals(loss, params)  # one "f32[3,2,16,32] output of ..." line per residual
+    dims = re.findall(r"^\w+\[([\d,]+)\]", report.getvalue(), re.M)
+    shapes = [tuple(int(d) for d in m.split(",")) for m in dims]
+    stacked = [s[1:] for s in shapes if len(s) >= 3 and s[0] == steps]
+    weights = {tuple(v.shape) for v in jax.tree.leaves(params)}
+    assert stacked and not [s for s in stacked if s in weights or s[-2:] in weights], stacked
+    if remat:  # the per-iteration checkpoint keeps the state entering each step, and the row mask
+        assert sorted(stacked) == [(B, T, model.config.d_rec)] * 2, stacked
 
 
 def test_telemetry_at_init():
