@@ -45,7 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from parcae_jax import aot_analysis, errors, flops, sharding, train_step  # noqa: E402
-from parcae_jax.aot_analysis import Slice, StepReport  # noqa: E402
+from parcae_jax.aot_analysis import GiB, Slice, StepReport  # noqa: E402
 from parcae_jax.cli_config import load_config, split_config_args  # noqa: E402
 from parcae_jax.errors import ConfigError, UserError  # noqa: E402
 
@@ -384,12 +384,29 @@ def predicted_max_micro(micro: int, report: StepReport, hbm_bytes: int) -> int |
     return int((hbm_bytes - state) // (max(used - state, 1) / micro))
 
 
+def state_exceeds_hbm(run_cfg, slice_: Slice, mesh, micro: int) -> StepReport | None:
+    """A refusal without compiling when one chip's shards of the parameters and optimizer state alone
+    exceed its HBM (then no micro-batch fits on this mesh, and for the large configs the compiler takes
+    minutes per try to say so); None when the state fits."""
+    cfg = run_cfg.copy_and_resolve_references()
+    set_micro_batch(cfg, micro, mesh)
+    _, state = train_step.create_train_state(cfg, mesh, max_steps_of(cfg), abstract=True)
+    state_bytes = state_bytes_per_chip(state)
+    if state_bytes <= slice_.chip.hbm_bytes:
+        return None
+    return StepReport("train", False, 0.0, hbm_bytes=slice_.chip.hbm_bytes, required_bytes=state_bytes,
+                      required_is_total=True, state_bytes=state_bytes, compiled=False,
+                      error=f"the train state alone is {state_bytes / GiB:.2f} GiB per chip",
+                      shape={"micro_batch": micro})
+
+
 def find_max_micro_batch(
     run_cfg, slice_: Slice, devices, start: int, bisect: bool = True, log=print
 ) -> tuple[int | None, dict[int, StepReport]]:
     """Largest micro-batch per device whose train step fits, with few compiles.
 
-    A compile that fits takes minutes, one the compiler refuses for HBM a fraction of that, so: compile
+    A compile that fits takes minutes, one the compiler refuses for HBM a fraction of that, so: nothing
+    is compiled when the train state alone exceeds a chip's HBM (`state_exceeds_hbm`); else compile
     `start`; jump to the largest power of two below the linear memory prediction from it; then double
     up (or halve down) until a fit and a failure bracket the answer, and bisect between them
     (`bisect=False`: stop at the bracket, i.e. powers of two). Returns (micro-batch or None, report
@@ -411,6 +428,11 @@ def find_max_micro_batch(
             hi = min(hi, micro)
         return report.fits
 
+    too_big = state_exceeds_hbm(run_cfg, slice_, mesh, start)
+    if too_big is not None:
+        tried[start] = too_big
+        log(f"  micro-batch {start:>4}: {aot_analysis.fit_text(too_big)} (not compiled)")
+        return None, tried
     fits(start)
     guess = predicted_max_micro(start, tried[start], slice_.chip.hbm_bytes)
     if guess is not None:

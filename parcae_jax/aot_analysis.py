@@ -348,6 +348,7 @@ class StepReport:
     pallas_calls: int = 0  # Mosaic (Pallas) kernel call sites in the program, e.g. splash attention
 
     state_bytes: int | None = None  # train step: one chip's shards of parameters + optimizer state
+    compiled: bool = True  # False: refused before compiling (the train state alone exceeds HBM)
 
     @property
     def used_bytes(self) -> int | None:

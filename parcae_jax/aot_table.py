@@ -74,13 +74,14 @@ def table_cell(path: str, topology: str, overrides: list[str], bisect: bool, log
     for i, cfg in enumerate(attempts):
         log(f"  search: remat {aot.remat_label(cfg)}, mesh {dict(cfg.mesh)}")
         best, tried = aot.find_max_micro_batch(cfg, slice_, devices, recipe_micro, bisect=bisect, log=log)
-        cell["compiles"] += len(tried)
+        cell["compiles"] += sum(r.compiled for r in tried.values())
         if i == 0:
             recipe = tried[recipe_micro]
             cell.update(
                 recipe_fits=recipe.fits,
                 recipe_gib=(recipe.used_bytes or 0) / GiB,
                 recipe_exact=recipe.memory is not None,
+                recipe_state_only=not recipe.compiled,
                 recipe_mfu_bound=recipe.roofline["mfu_bound"] if recipe.roofline else None,
             )
         if best is not None:
@@ -111,7 +112,9 @@ def render(cells: list[dict], command: str, bisect: bool) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for c in cells:
-        estimate = "" if c["recipe_exact"] else ", compiler's estimate"
+        estimate = ""
+        if not c["recipe_exact"]:
+            estimate = ", train state alone" if c.get("recipe_state_only") else ", compiler's estimate"
         recipe = (
             f"{'yes' if c['recipe_fits'] else 'no'} ({c['recipe_gib']:.1f} / {c['hbm_gib']:.0f}{estimate})"
         )

@@ -7,6 +7,7 @@ TPU backend, so the compile runs in this process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -14,7 +15,7 @@ import ml_collections
 import pytest
 from helpers import tiny_parcae
 
-from parcae_jax import aot, aot_analysis, flops, sharding, train_step
+from parcae_jax import aot, aot_analysis, aot_table, flops, sharding, train_step
 from parcae_jax.cli_config import load_config
 from parcae_jax.errors import ConfigError
 
@@ -128,6 +129,44 @@ def test_abstract_train_state_matches_the_real_one_and_shards_moments():
             mirrored += 1
             assert x.sharding == owner.sharding, jax.tree_util.keystr(path)
     assert mirrored >= len(params)  # every parameter has at least one moment
+
+
+def test_a_train_state_larger_than_hbm_is_refused_without_compiling():
+    """The micro-batch search spends no compile when the parameters and optimizer state alone exceed a
+    chip's HBM (here a v5e chip shrunk to 1 MiB)."""
+    pytest.importorskip("libtpu")
+    slice_ = aot_analysis.resolve_topology("v5e-8")
+    small = dataclasses.replace(slice_, chip=dataclasses.replace(slice_.chip, hbm_bytes=2**20))
+    run = load_config("configs/tiny.py")
+    logged = []
+    best, tried = aot.find_max_micro_batch(run, small, aot.topology_devices(small), 2, log=logged.append)
+    assert best is None and list(tried) == [2]
+    report = tried[2]
+    assert not report.compiled and not report.fits and report.state_bytes > 2**20
+    assert "the train state alone" in logged[0] and "not compiled" in logged[0]
+    # The real chip holds the tiny state: the check lets the search compile.
+    mesh = sharding.make_mesh(devices=aot.topology_devices(slice_))
+    assert aot.state_exceeds_hbm(run, slice_, mesh, 2) is None
+
+
+def test_table_rows_say_where_a_figure_comes_from(tmp_path):
+    """A recipe figure is the memory analysis, the compiler's estimate, or the train state alone; the
+    table lands between its markers and leaves the rest of the file alone."""
+    base = dict(config="configs/x.py", model="m", hbm_gib=16, recipe_micro_batch=8, recipe_remat="off",
+                compiles=1, wall_s=10, date="2026-12-04", machine="cpu")
+    fits = dict(base, recipe_fits=True, recipe_gib=9.5, recipe_exact=True, topology="v5e-8",
+                best=dict(micro_batch=16, remat="off", fsdp=False, gib=14.0, mfu_bound=0.5, limited_by="hbm"))
+    refused = dict(base, recipe_fits=False, recipe_gib=40.0, recipe_exact=False, topology="v6e-8", best=None)
+    state = dict(refused, recipe_state_only=True, compiles=0, topology="v5p-8")
+    text = aot_table.render([fits, refused, state], "cmd", bisect=False)
+    rows = [line for line in text.splitlines() if line.startswith("| m |")]
+    assert "yes (9.5 / 16)" in rows[0] and "16 (off, recipe mesh; 14.0) | 50% (hbm)" in rows[0]
+    assert "no (40.0 / 16, compiler's estimate)" in rows[1] and "| none | - |" in rows[1]
+    assert "no (40.0 / 16, train state alone)" in rows[2] and rows[2].endswith("| 0 (10) |")
+    doc = tmp_path / "tpu.md"
+    doc.write_text(f"before\n{aot_table.START}\nold\n{aot_table.END}\nafter\n")
+    aot_table.write_table(str(doc), text)
+    assert doc.read_text() == f"before\n{text}\nafter\n"
 
 
 @pytest.mark.slow
