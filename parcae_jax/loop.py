@@ -12,8 +12,7 @@ may also report convergence (adaptive depth at decode time), which retires the e
   body per trip, loop-invariant or not (the weights, the injection's input term, RoPE), which cost the
   140M train step 0.8 GiB of its 11.8 GiB at micro-batch 8 x 2048 (`parcae_jax.aot`, v5p-8), and a
   skip only pays when every row drew fewer steps than `bound` (almost never at the released depth
-  sampling). `remat` (e.g. `jax.checkpoint` with a policy) wraps the step: the backward pass then keeps
-  the state per trip and recomputes the rest.
+  sampling).
 * `bound` traced: a `lax.while_loop` (evaluation, the gradient-free prefix, decoding), which with
   `stop_when_done` also ends as soon as every element has converged.
 
@@ -63,16 +62,11 @@ def recur(
     bound,
     carry: Any = None,
     stop_when_done: bool = False,
-    remat: Callable | None = None,
 ) -> Recurred:
     """Run `step` (see the module docstring) from state `h`; returns a `Recurred`."""
     lead = h.shape[:-1]
     count = per_element(count, lead)
     differentiable = isinstance(bound, int)
-    if remat is not None:
-        if not differentiable:
-            raise ValueError("recur: remat applies to the differentiable loop (a static int bound) only")
-        step = remat(step)
 
     def one(r, state):
         h, h_prev, carry, active, depth = state

@@ -343,11 +343,10 @@ class Parcae(_LM):
         h = jnp.stack(prefix, axis=1).reshape(h0.shape)  # back to the rows' order
         h = jax.lax.stop_gradient(h)
 
-        remat = None
+        grad_step = step
         if cfg.remat and "per-iteration" in cfg.activation_checkpoint_impl:
-            remat = functools.partial(jax.checkpoint, policy=_remat_policy(cfg.activation_checkpoint_impl))
-        out = recur(lambda r, h, c, run: (step(args, h), c, None), h, count=k, bound=int(max_grad_steps),
-                    remat=remat)
+            grad_step = jax.checkpoint(step, policy=_remat_policy(cfg.activation_checkpoint_impl))
+        out = recur(lambda r, h, c, run: (grad_step(args, h), c, None), h, count=k, bound=int(max_grad_steps))
         x = self.coda_features(out.h, ids, rope, training=True)
         tel = self._telemetry(out.h, None, jnp.mean(n), jnp.mean(k))
         tel["rel_residual"] = jnp.mean(rel_residual(out.h, out.h_prev))
