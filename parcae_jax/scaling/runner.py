@@ -76,7 +76,8 @@ def _depth_sweep_in_process(point: Point, output: str) -> None:
     overrides = [a.removeprefix("--config.") for a in argv]
     with warnings.catch_warnings():  # as eval.py: restoring onto this process's devices is intended
         warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
-        eval_runner.run(load_config(f"{eval_config.__file__}:depth_sweep", overrides), log=lambda *a, **k: None)
+        config = load_config(f"{eval_config.__file__}:depth_sweep", overrides)
+        eval_runner.run(config, log=lambda *a, **k: None)
 
 
 def train_command(
