@@ -296,12 +296,12 @@ def test_fsdp_shards_every_large_parameter_of_the_released_models():
     mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
     for name in ("parcae-small-140m", "gpt-small-140m", "parcae-xlarge-1_3b"):
         params = nnx.state(abstract_model(ModelConfig.from_dict(presets.released(name))), nnx.Param)
-        shardings = sharding.state_shardings(params, mesh)
+        shardings = dict(nnx.to_flat_state(sharding.state_shardings(params, mesh)))
         for path, var in nnx.to_flat_state(params):
             shape = var.get_value().shape
             if math.prod(shape) < 2**20:
                 continue
-            shard = dict(nnx.to_flat_state(shardings))[path].shard_shape(shape)
+            shard = shardings[path].shard_shape(shape)
             assert math.prod(shard) * 8 == math.prod(shape), (name, path, shape, shard)
 
 
